@@ -1,0 +1,250 @@
+"""Reading LAION's prior_ema_fp16.pth (a dalle2-pytorch 0.11.5 DiffusionPrior state_dict).
+
+The file holds three groups of tensors:
+    clip.clip.*        OpenAI CLIP ViT-L/14, both towers (we keep the text tower only)
+    net.*              the prior network
+    noise_scheduler.*  the diffusion schedule, fp16-rounded, used as it is
+
+`read_checkpoint` loads it safely (weights_only: tensors, never code), checks every tensor
+it keeps, infers every size from tensor shapes, and returns `Weights`: what inference
+needs, renamed to our modules' names. Any problem is a `WeightsError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .diffusion import cosine_alphas_cumprod
+from .model import TEXT_LEN, PriorConfig
+from .text import TextConfig
+
+# sha256 of LAION's file (huggingface.co/laion/DALLE2-PyTorch, prior_ema_fp16.pth)
+PRIOR_EMA_FP16_SHA256 = "b7d6ec6be12f285c0cd128655974b544885a49a3ff17feb5346226fea59757fa"
+
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2",
+)
+
+# file name (under "net.") -> our name. {i} is a layer index.
+_NET_KEYS = {
+    "learned_query": "learned_query",
+    "to_time_embeds.0.weight": "time_embed.weight",
+    "causal_transformer.rel_pos_bias.relative_attention_bias.weight": "rel_pos_bias.weight",
+    "causal_transformer.norm.gamma": "norm_out.weight",
+    "causal_transformer.norm.beta": "norm_out.bias",
+    "causal_transformer.project_out.weight": "project_out.weight",
+}
+_LAYER_KEYS = {
+    "0.null_kv": "attn.null_kv",
+    "0.norm.gamma": "attn.norm.weight",
+    "0.norm.beta": "attn.norm.bias",
+    "0.to_q.weight": "attn.to_q.weight",
+    "0.to_kv.weight": "attn.to_kv.weight",
+    "0.to_out.0.weight": "attn.to_out.weight",
+    "0.to_out.1.gamma": "attn.out_norm.weight",
+    "0.to_out.1.beta": "attn.out_norm.bias",
+    "1.0.gamma": "ff.norm.weight",
+    "1.0.beta": "ff.norm.bias",
+    "1.1.weight": "ff.proj_in.weight",
+    "1.3.gamma": "ff.inner_norm.weight",
+    "1.3.beta": "ff.inner_norm.bias",
+    "1.5.weight": "ff.proj_out.weight",
+}
+_LAYER_RE = re.compile(r"causal_transformer\.layers\.(\d+)\.(.+)")
+_ROTARY_SUFFIX = "0.rotary_emb.freqs"  # one shared module, stored once per layer
+
+_TEXT_TOP = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+             "text_projection")
+_TEXT_BLOCK_RE = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used. The message names the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = str(path), problem
+
+
+@dataclass
+class Weights:
+    prior_config: PriorConfig
+    text_config: TextConfig
+    prior_state: dict[str, torch.Tensor]  # our PriorNetwork's names
+    text_state: dict[str, torch.Tensor]  # open-clip TextTransformer's names
+    schedule: dict[str, torch.Tensor]  # noise_scheduler buffers, by short name
+    path: Path
+    sha256: str | None
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Weights:
+    """Load, check and split a prior_ema_fp16.pth-format file. Raises WeightsError."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(path, "file not found" if not path.exists() else "not a regular file")
+    if path.stat().st_size == 0:
+        raise WeightsError(path, "file is empty (0 bytes)")
+    sha256 = None
+    if expected_sha256 is not None:
+        sha256 = sha256_of(path)
+        if sha256 != expected_sha256.lower():
+            raise WeightsError(path, f"SHA-256 is {sha256}, expected {expected_sha256.lower()} (corrupted or a different file)")
+    state = _torch_load(path)
+    prior_config, prior_state = _split_prior(path, state)
+    text_config, text_state = _split_text(path, state, prior_config.dim)
+    schedule = _split_schedule(path, state, prior_config.num_timesteps)
+    for name, tensor in [*prior_state.items(), *text_state.items(), *schedule.items()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WeightsError(path, f"tensor {name!r} contains NaN or Inf")
+    return Weights(prior_config, text_config, prior_state, text_state, schedule, path, sha256)
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:  # memory-mapped: the visual tower we drop is never read from disk
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(path, f"refused: holds more than plain tensors ({first_line})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(path, f"not a readable PyTorch checkpoint, truncated or corrupted ({first_line})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(path, "not a state_dict (expected a flat mapping of names to tensors)")
+    if not any(isinstance(k, str) and k.startswith("net.") for k in state):
+        raise WeightsError(path, "not a dalle2-pytorch DiffusionPrior state_dict (no 'net.*' tensors)")
+    return state
+
+
+def _need(path: Path, state: dict, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    if key not in state:
+        raise WeightsError(path, f"missing tensor {key!r} (not a dalle2-pytorch 0.11.5 prior layout)")
+    tensor = state[key]
+    if shape is not None and tuple(tensor.shape) != shape:
+        raise WeightsError(path, f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape}")
+    return tensor
+
+
+def _split_prior(path: Path, state: dict) -> tuple[PriorConfig, dict[str, torch.Tensor]]:
+    net = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    layers = sorted({int(m.group(1)) for k in net if (m := _LAYER_RE.fullmatch(k))})
+    if not layers or layers != list(range(len(layers))):
+        raise WeightsError(path, f"prior layers are not numbered 0..n-1 (found {layers[:5]}...)")
+    dim = _need(path, net, "learned_query").shape[0]
+    dim_head = _need(path, net, "causal_transformer.layers.0.0.null_kv").shape[1]
+    q_rows = _need(path, net, "causal_transformer.layers.0.0.to_q.weight").shape[0]
+    ff_inner = _need(path, net, "causal_transformer.layers.0.1.5.weight").shape[1]
+    num_timesteps = _need(path, net, "to_time_embeds.0.weight").shape[0]
+    freqs = _need(path, net, f"causal_transformer.layers.0.{_ROTARY_SUFFIX}")
+    buckets = _need(path, net, "causal_transformer.rel_pos_bias.relative_attention_bias.weight").shape[0]
+    if q_rows % dim_head:
+        raise WeightsError(path, f"to_q has {q_rows} rows, not a multiple of dim_head {dim_head}")
+    cfg = PriorConfig(dim=dim, depth=len(layers), heads=q_rows // dim_head, dim_head=dim_head,
+                      ff_inner=ff_inner, num_timesteps=num_timesteps, rotary_dim=2 * freqs.shape[0],
+                      rel_pos_buckets=buckets)
+    if cfg.rotary_dim != min(32, dim_head):
+        raise WeightsError(path, f"rotary frequencies cover {cfg.rotary_dim} dims, expected min(32, dim_head)")
+
+    expected = _expected_prior_shapes(cfg)
+    ours: dict[str, torch.Tensor] = {}
+    for key, tensor in net.items():
+        if (m := _LAYER_RE.fullmatch(key)) and m.group(2) == _ROTARY_SUFFIX:
+            if not torch.equal(tensor, freqs):
+                raise WeightsError(path, f"'net.{key}' differs from layer 0's rotary frequencies")
+            continue
+        name = _NET_KEYS.get(key)
+        if m and name is None:
+            suffix = _LAYER_KEYS.get(m.group(2))
+            name = f"blocks.{m.group(1)}.{suffix}" if suffix else None
+        if name is None:
+            raise WeightsError(path, f"unexpected tensor 'net.{key}' (not a dalle2-pytorch 0.11.5 prior layout)")
+        if tuple(tensor.shape) != expected[name]:
+            raise WeightsError(path, f"tensor 'net.{key}' has shape {tuple(tensor.shape)}, expected {expected[name]}")
+        ours[name] = tensor
+    missing = sorted(set(expected) - set(ours) - {"rotary_freqs"})
+    if missing:
+        raise WeightsError(path, f"missing prior tensors for {', '.join(missing[:4])}")
+    ours["rotary_freqs"] = freqs
+    return cfg, ours
+
+
+def _expected_prior_shapes(cfg: PriorConfig) -> dict[str, tuple[int, ...]]:
+    d, inner, ff = cfg.dim, cfg.heads * cfg.dim_head, cfg.ff_inner
+    shapes = {
+        "learned_query": (d,),
+        "time_embed.weight": (cfg.num_timesteps, d),
+        "rel_pos_bias.weight": (cfg.rel_pos_buckets, cfg.heads),
+        "norm_out.weight": (d,), "norm_out.bias": (d,),
+        "project_out.weight": (d, d),
+        "rotary_freqs": (cfg.rotary_dim // 2,),
+    }
+    per_layer = {
+        "attn.null_kv": (2, cfg.dim_head),
+        "attn.norm.weight": (d,), "attn.norm.bias": (d,),
+        "attn.to_q.weight": (inner, d),
+        "attn.to_kv.weight": (2 * cfg.dim_head, d),
+        "attn.to_out.weight": (d, inner),
+        "attn.out_norm.weight": (d,), "attn.out_norm.bias": (d,),
+        "ff.norm.weight": (d,), "ff.norm.bias": (d,),
+        "ff.proj_in.weight": (2 * ff, d),
+        "ff.inner_norm.weight": (ff,), "ff.inner_norm.bias": (ff,),
+        "ff.proj_out.weight": (d, ff),
+    }
+    for i in range(cfg.depth):
+        shapes.update({f"blocks.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+def _split_text(path: Path, state: dict, prior_dim: int) -> tuple[TextConfig, dict[str, torch.Tensor]]:
+    clip = {k[len("clip.clip."):]: v for k, v in state.items() if k.startswith("clip.clip.")}
+    if not clip:
+        raise WeightsError(path, "no CLIP weights ('clip.clip.*' tensors) in the file")
+    vocab, width = _need(path, clip, "token_embedding.weight").shape
+    context = _need(path, clip, "positional_embedding").shape[0]
+    projection = _need(path, clip, "text_projection")
+    layers = sorted({int(m.group(1)) for k in clip if (m := _TEXT_BLOCK_RE.fullmatch(k))})
+    if not layers or layers != list(range(len(layers))):
+        raise WeightsError(path, "CLIP text transformer blocks are missing or not numbered 0..n-1")
+    if context != TEXT_LEN:
+        raise WeightsError(path, f"CLIP context length is {context}, expected {TEXT_LEN}")
+    if width % 64:
+        raise WeightsError(path, f"CLIP text width {width} is not a multiple of 64 (heads = width // 64)")
+    if tuple(projection.shape) != (width, prior_dim):
+        raise WeightsError(path, f"'clip.clip.text_projection' has shape {tuple(projection.shape)}, "
+                                 f"expected ({width}, {prior_dim}) to match the prior's width")
+    cfg = TextConfig(width=width, layers=len(layers), heads=width // 64, context_length=context,
+                     vocab_size=vocab, embed_dim=prior_dim)
+    text = {k: v for k, v in clip.items()
+            if k in _TEXT_TOP or (_TEXT_BLOCK_RE.fullmatch(k) and not k.startswith("visual."))}
+    return cfg, text
+
+
+def _split_schedule(path: Path, state: dict, num_timesteps: int) -> dict[str, torch.Tensor]:
+    schedule = {name: _need(path, state, f"noise_scheduler.{name}", (num_timesteps,)) for name in SCHEDULE_BUFFERS}
+    # Strided sampling recomputes the cosine schedule in float64 (see diffusion.py), so the
+    # file's own schedule must be that one, up to its fp16 rounding.
+    cosine = cosine_alphas_cumprod(num_timesteps)
+    stored = schedule["alphas_cumprod"].double()
+    if (stored - cosine).abs().max() > 2e-3:
+        raise WeightsError(path, "noise schedule is not dalle2-pytorch's cosine schedule (alphas_cumprod differs)")
+    return schedule

@@ -1,0 +1,256 @@
+"""The diffusion prior network of dalle2-pytorch 0.11.5, written for inference.
+
+The network is a causal transformer over 81 tokens:
+
+    position  0..76   CLIP text encodings (ln_final states), masked where the token id is 0
+    position  77      the normalised CLIP text embedding ("keep" decides if it is attended)
+    position  78      the timestep embedding (a lookup table)
+    position  79      the noised image embedding x_t
+    position  80      a learned query; the output at this position is the predicted x_0
+
+Because attention is causal, the states of positions 0..77 never see the timestep or
+x_t: they are the same at every one of the 1000 sampling steps. `encode_condition` runs
+them once and keeps each layer's keys and values (a KV cache); `denoise` then runs only
+the last three positions per step. That is the same arithmetic as running all 81 tokens,
+in about 3/81 of the work.
+
+Keys and weights follow the checkpoint's tensors one to one; `prior/checkpoint.py` maps
+the file's names to the names used here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TEXT_LEN = 77  # CLIP context length: the number of text-encoding tokens
+PREFIX_LEN = TEXT_LEN + 1  # text encodings + text embedding: the step-independent tokens
+STEP_LEN = 3  # timestep embedding, noised image embedding, learned query
+SEQ_LEN = PREFIX_LEN + STEP_LEN  # 81
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    dim: int = 768  # token width == CLIP embedding size
+    depth: int = 24
+    heads: int = 32  # query heads; keys and values are one shared head
+    dim_head: int = 64
+    ff_inner: int = 3072  # feed-forward width after SwiGLU (ff_mult * dim)
+    num_timesteps: int = 1000
+    rotary_dim: int = 32  # min(32, dim_head) leading dims of each head are rotated
+    rel_pos_buckets: int = 32
+    rel_pos_max_distance: int = 128
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a gain and a bias, eps 1e-5 (0.11.5 keeps the bias as a buffer)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias)
+
+
+class Attention(nn.Module):
+    """Pre-norm multi-query attention: `heads` query heads, one key/value head, a learned
+    null key/value always attended, rotary positions on q and k, out-projection + LayerNorm."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.heads, self.dim_head = cfg.heads, cfg.dim_head
+        self.norm = LayerNorm(cfg.dim)
+        self.to_q = nn.Linear(cfg.dim, cfg.heads * cfg.dim_head, bias=False)
+        self.to_kv = nn.Linear(cfg.dim, 2 * cfg.dim_head, bias=False)
+        self.null_kv = nn.Parameter(torch.zeros(2, cfg.dim_head))
+        self.to_out = nn.Linear(cfg.heads * cfg.dim_head, cfg.dim, bias=False)
+        self.out_norm = LayerNorm(cfg.dim)
+
+    def project(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
+        """x (B, n, D) -> q (B, H, n, dh) scaled and rotated; k, v (B, n, dh), k rotated."""
+        b, n, _ = x.shape
+        x = self.norm(x)
+        q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)
+        q = q * self.dim_head**-0.5  # 0.11.5 scales before rotating; kept for equal rounding
+        k, v = self.to_kv(x).chunk(2, dim=-1)
+        return apply_rotary(q, *rotary), apply_rotary(k, *rotary), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q (B, H, n, dh); k, v (B, J, dh) with the null key first; bias (B, H, n, J),
+        -inf where masked. Returns (B, n, D)."""
+        b, h, n, dh = q.shape
+        # One shared key/value head: fold the heads into the query axis, a single matmul.
+        out = F.scaled_dot_product_attention(
+            q.reshape(b, 1, h * n, dh), k.unsqueeze(1), v.unsqueeze(1),
+            attn_mask=bias.reshape(b, 1, h * n, -1), scale=1.0,
+        )
+        out = out.view(b, h, n, dh).transpose(1, 2).reshape(b, n, h * dh)
+        return self.out_norm(self.to_out(out))
+
+
+class FeedForward(nn.Module):
+    """Pre-norm SwiGLU feed-forward with a LayerNorm after the activation (normformer)."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim)
+        self.proj_in = nn.Linear(cfg.dim, 2 * cfg.ff_inner, bias=False)
+        self.inner_norm = LayerNorm(cfg.ff_inner)
+        self.proj_out = nn.Linear(cfg.ff_inner, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj_in(self.norm(x)).chunk(2, dim=-1)
+        return self.proj_out(self.inner_norm(value * F.silu(gate)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.ff = FeedForward(cfg)
+
+
+@dataclass
+class Condition:
+    """What a batch of text conditions contributes to every step, computed once.
+
+    keys, values: (depth, B, 1 + PREFIX_LEN, dh) per layer, null key/value first, keys rotated.
+    step_bias: (B, H, STEP_LEN, 1 + SEQ_LEN) additive attention bias for the three step
+    tokens: relative-position bias, -inf on masked keys and on causally hidden ones.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    step_bias: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[1]
+
+    def repeat_interleave(self, n: int) -> Condition:
+        """Each row repeated n times in place (row i becomes rows i*n .. i*n+n-1)."""
+        return Condition(
+            self.keys.repeat_interleave(n, dim=1),
+            self.values.repeat_interleave(n, dim=1),
+            self.step_bias.repeat_interleave(n, dim=0),
+        )
+
+    @staticmethod
+    def cat(conditions: list[Condition]) -> Condition:
+        return Condition(
+            torch.cat([c.keys for c in conditions], dim=1),
+            torch.cat([c.values for c in conditions], dim=1),
+            torch.cat([c.step_bias for c in conditions], dim=0),
+        )
+
+
+class PriorNetwork(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.time_embed = nn.Embedding(cfg.num_timesteps, cfg.dim)
+        self.learned_query = nn.Parameter(torch.zeros(cfg.dim))
+        self.rel_pos_bias = nn.Embedding(cfg.rel_pos_buckets, cfg.heads)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm_out = LayerNorm(cfg.dim)
+        self.project_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        # The checkpoint's rotary frequencies (fp16-rounded), not recomputed ones.
+        self.register_buffer("rotary_freqs", torch.zeros(cfg.rotary_dim // 2))
+
+    # -- tables that depend only on positions, built once per condition -----------------
+
+    def rotary_tables(self, start: int, stop: int, dtype: torch.dtype):
+        """cos and sin (stop - start, rotary_dim) for positions start..stop-1, interleaved."""
+        positions = torch.arange(start, stop, device=self.rotary_freqs.device, dtype=torch.float32)
+        angles = positions[:, None] * self.rotary_freqs.float()[None, :]
+        angles = angles.repeat_interleave(2, dim=-1)  # one angle per (even, odd) pair
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def position_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """(H, SEQ_LEN, 1 + SEQ_LEN) T5 bias plus -inf where causality hides a key.
+
+        Keys are indexed with the null key at 0, exactly as 0.11.5 does: key j is token j-1,
+        and the bucket is computed from (query index - key index), off by one included.
+        """
+        device = self.rotary_freqs.device
+        q_pos = torch.arange(SEQ_LEN, device=device)
+        k_pos = torch.arange(SEQ_LEN + 1, device=device)
+        distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0)
+        buckets = t5_bucket(distance, self.cfg.rel_pos_buckets, self.cfg.rel_pos_max_distance)
+        bias = self.rel_pos_bias(buckets).permute(2, 0, 1).float()  # (H, n, n+1)
+        hidden = k_pos[None, :] > q_pos[:, None] + 1  # key j is token j-1: causal
+        return bias.masked_fill(hidden, float("-inf")).to(dtype)
+
+    # -- the two halves of a forward pass --------------------------------------------------
+
+    def encode_condition(
+        self, text_states: torch.Tensor, text_embed: torch.Tensor, text_mask: torch.Tensor, keep: torch.Tensor
+    ) -> Condition:
+        """Run the step-independent tokens once.
+
+        text_states (B, 77, D), text_embed (B, D) normalised, text_mask (B, 77) bool,
+        keep (B,) bool: False drops the condition (classifier-free guidance's null pass).
+        """
+        b, dtype = text_states.shape[0], text_states.dtype
+        x = torch.cat([text_states, text_embed[:, None, :]], dim=1)  # (B, 78, D)
+        key_mask = torch.cat([
+            torch.ones(b, 1, dtype=torch.bool, device=x.device),  # null key: always attended
+            text_mask & keep[:, None],
+            keep[:, None],
+            torch.ones(b, STEP_LEN, dtype=torch.bool, device=x.device),
+        ], dim=1)  # (B, 1 + SEQ_LEN)
+        bias = self.position_bias(dtype)[None].masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        prefix_bias = bias[:, :, :PREFIX_LEN, : 1 + PREFIX_LEN]
+        rotary = self.rotary_tables(0, PREFIX_LEN, dtype)
+
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            q, k, v = block.attn.project(x, rotary)
+            k = torch.cat([block.attn.null_kv[0].expand(b, 1, -1), k], dim=1)
+            v = torch.cat([block.attn.null_kv[1].expand(b, 1, -1), v], dim=1)
+            keys.append(k)
+            values.append(v)
+            if i + 1 < len(self.blocks):  # the last layer's prefix outputs are never read
+                x = x + block.attn.attend(q, k, v, prefix_bias)
+                x = x + block.ff(x)
+        return Condition(torch.stack(keys), torch.stack(values), bias[:, :, PREFIX_LEN:, :].contiguous())
+
+    def denoise(self, cond: Condition, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predict x_0 (B, D) from x_t (B, D) at timesteps t (B,), given a Condition."""
+        b = x_t.shape[0]
+        x = torch.stack([self.time_embed(t), x_t, self.learned_query.expand(b, -1)], dim=1)
+        rotary = self.rotary_tables(PREFIX_LEN, SEQ_LEN, x.dtype)
+        for i, block in enumerate(self.blocks):
+            q, k, v = block.attn.project(x, rotary)
+            k = torch.cat([cond.keys[i], k], dim=1)
+            v = torch.cat([cond.values[i], v], dim=1)
+            x = x + block.attn.attend(q, k, v, cond.step_bias)
+            x = x + block.ff(x)
+        return self.project_out(self.norm_out(x[:, -1]))
+
+    def forward(self, x_t, t, text_states, text_embed, text_mask, keep) -> torch.Tensor:
+        """One whole network pass, as 0.11.5's DiffusionPriorNetwork.forward."""
+        return self.denoise(self.encode_condition(text_states, text_embed, text_mask, keep), x_t, t)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1) of the first cos.shape[-1] features by position."""
+    d = cos.shape[-1]
+    head, tail = x[..., :d], x[..., d:]
+    pairs = head.unflatten(-1, (d // 2, 2))
+    rotated_half = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return torch.cat([head * cos + rotated_half * sin, tail], dim=-1)
+
+
+def t5_bucket(distance: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's causal bucketing of non-negative distances: exact below num_buckets/2, log beyond."""
+    max_exact = num_buckets // 2
+    log_ratio = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return torch.where(distance < max_exact, distance, large)

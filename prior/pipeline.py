@@ -1,0 +1,221 @@
+"""prompt -> CLIP image embedding: the one path every caller (CLI, cog, batch) takes.
+
+    tokens = tokenize(prompts)                         (B, 77)
+    text   = text tower(tokens)                        raw/normalised embedding, states, mask
+    cond   = network.encode_condition(text), once      per guidance pass (see GUIDANCE)
+    x_T    ~ N(0, I), prompt i drawing from seed + i   (B*N, D)
+    x_0    = sampler(denoise, schedule, x_T)           steps of the network's last 3 tokens
+    image  = x_0 / sqrt(D); keep, per prompt, the candidate closest to the text embedding
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Weights, WeightsError, read_checkpoint
+from .diffusion import SAMPLERS, ddim_sample, ddpm_sample, make_schedule
+from .model import Condition, PriorNetwork
+from .text import TextEncoder, Tokenizer
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "prior_ema_fp16.pth"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SEED_LIMIT = 2**32
+
+# "original": dalle2-pytorch 0.11.5 exactly. Its network does `mask &= keep_mask` on the
+#   caller's mask, so the first unconditional pass zeroes the text mask for good: from the
+#   second step on, the conditional pass attends to no text encodings, only to the text
+#   embedding. The LAION prior's published outputs at cond_scale != 1 include this.
+# "standard": classifier-free guidance as intended: every conditional pass sees the text.
+GUIDANCE = ("original", "standard")
+
+
+@dataclass
+class EmbedResult:
+    prompts: list[str]
+    tokens: np.ndarray  # (B, 77) int64
+    text_embedding: np.ndarray  # (B, D) float32, CLIP's raw encode_text output
+    image_embedding: np.ndarray  # (B, D) float32, the chosen candidate, not re-normalised
+    candidates: np.ndarray  # (B, N, D) float32, every sampled embedding
+    scores: np.ndarray  # (B, N) float32, cosine similarity of each candidate to the text
+    chosen: np.ndarray  # (B,) int64, index of the chosen candidate
+    seed: int  # the call's seed; prompt i used seed + i (mod 2**32)
+    truncated: list[bool]  # prompt did not fit in 77 tokens and was cut
+    steps: int
+    cond_scale: float
+    guidance: str
+    sampler: str
+    sample_seconds: float = 0.0
+    seeds: list[int] = field(default_factory=list)
+
+
+class Prior:
+    """A loaded prior. Build it with `load()`; call `embed()` as often as you like."""
+
+    def __init__(self, weights: Weights, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.config, self.text_config = weights.prior_config, weights.text_config
+        self.weights_path, self.weights_sha256 = weights.path, weights.sha256
+        self.tokenizer = Tokenizer(self.text_config.context_length)
+        self.network = _build(PriorNetwork, self.config, weights.prior_state, weights.path, device, dtype)
+        # The text tower runs once per call; float32 keeps the conditioning exact on every path.
+        self.text = _build(TextEncoder, self.text_config, {f"tower.{k}": v for k, v in weights.text_state.items()},
+                           weights.path, device, torch.float32)
+        self.schedule_buffers = {k: v.float().to(device) for k, v in weights.schedule.items()}
+        self.image_embed_scale = self.config.dim**0.5
+        self.load_seconds = 0.0
+
+    @torch.inference_mode()
+    def embed(
+        self,
+        prompts: str | Sequence[str],
+        candidates: int = 2,
+        cond_scale: float = 1.0,
+        steps: int = 64,
+        seed: int | None = None,
+        guidance: str = "original",
+        sampler: str = "ddpm",
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> EmbedResult:
+        """Sample `candidates` image embeddings per prompt and keep the one closest to the text.
+
+        steps == num_timesteps (1000) with sampler "ddpm" is 0.11.5's exact sampler; fewer
+        steps respace the schedule. `on_step(i, total)` is called after each step.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        _check_arguments(prompts, candidates, cond_scale, steps, seed, guidance, sampler, self.config.num_timesteps)
+        seed = secrets.randbelow(SEED_LIMIT) if seed is None else int(seed)
+        seeds = [(seed + i) % SEED_LIMIT for i in range(len(prompts))]
+        started = time.perf_counter()
+
+        tokens, truncated = self.tokenizer(prompts)
+        tokens = tokens.to(self.device)
+        text = self.text.encode(tokens)
+        denoise = self._denoiser(text.states, text.embed, text.mask, candidates, cond_scale, guidance)
+        schedule = make_schedule(self.schedule_buffers, steps, sampler)
+
+        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+
+        def draw_noise() -> torch.Tensor:  # prompt i's rows come from prompt i's generator
+            shape = (candidates, self.config.dim)
+            return torch.cat([torch.randn(shape, generator=g, device=self.device) for g in generators])
+
+        x = draw_noise()
+        step_callback = None if on_step is None else (lambda i: on_step(i, len(schedule)))
+        if sampler == "ddpm":
+            x = ddpm_sample(denoise, schedule, x, draw_noise, on_step=step_callback)
+        else:
+            x = ddim_sample(denoise, schedule, x, draw_noise, eta=0.0, on_step=step_callback)
+
+        image = (x / self.image_embed_scale).view(len(prompts), candidates, -1)
+        scores = (F.normalize(text.embed, dim=-1)[:, None, :] * F.normalize(image, dim=-1)).sum(-1)
+        chosen = scores.argmax(dim=1)
+        best = image[torch.arange(len(prompts), device=self.device), chosen]
+        return EmbedResult(
+            prompts=prompts,
+            tokens=tokens.cpu().numpy().astype(np.int64),
+            text_embedding=text.raw.float().cpu().numpy(),
+            image_embedding=best.float().cpu().numpy(),
+            candidates=image.float().cpu().numpy(),
+            scores=scores.float().cpu().numpy(),
+            chosen=chosen.cpu().numpy().astype(np.int64),
+            seed=seed,
+            seeds=seeds,
+            truncated=truncated,
+            steps=steps,
+            cond_scale=float(cond_scale),
+            guidance=guidance,
+            sampler=sampler,
+            sample_seconds=time.perf_counter() - started,
+        )
+
+    def _denoiser(self, states, text_embed, mask, candidates: int, cond_scale: float, guidance: str):
+        """denoise(x_t, t, i) -> x_0 for B*N rows, guidance included, conditions built once."""
+        net, dtype = self.network, self.dtype
+        states, text_embed = states.to(dtype), text_embed.to(dtype)
+        yes = torch.ones(len(states), dtype=torch.bool, device=self.device)
+
+        def condition(text_mask, keep) -> Condition:
+            return net.encode_condition(states, text_embed, text_mask, keep).repeat_interleave(candidates)
+
+        def run(cond: Condition, x, t):
+            return net.denoise(cond, x.to(dtype), t).float()
+
+        full = condition(mask, yes)
+        if cond_scale == 1:  # 0.11.5 skips the unconditional pass entirely
+            return lambda x, t, i: run(full, x, t)
+
+        null = condition(mask, ~yes)
+        with_null = Condition.cat([full, null])
+        if guidance == "original":
+            # from the second step on, the conditional pass sees an all-False text mask
+            later = Condition.cat([condition(torch.zeros_like(mask), yes), null])
+        else:
+            later = with_null
+
+        def guided(x, t, i):
+            both = run(with_null if i == 0 else later, torch.cat([x, x]), torch.cat([t, t]))
+            cond, uncond = both.chunk(2)
+            return uncond + (cond - uncond) * cond_scale
+
+        return guided
+
+
+def load(
+    weights: str | Path = DEFAULT_WEIGHTS,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    expected_sha256: str | None = None,
+) -> Prior:
+    """Load a prior_ema_fp16.pth-format file. Defaults: cuda if present, else cpu; float16
+    on cuda (the original ran under fp16 autocast), float32 on cpu. Raises WeightsError."""
+    started = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    prior = Prior(read_checkpoint(weights, expected_sha256), device, dtype)
+    prior.load_seconds = time.perf_counter() - started
+    return prior
+
+
+def _build(cls, cfg, state: dict[str, torch.Tensor], path: Path, device: torch.device, dtype: torch.dtype):
+    """Construct on the meta device (no random init), then take the file's tensors."""
+    with torch.device("meta"):
+        module = cls(cfg)
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise WeightsError(path, f"layout does not match {cls.__name__}: {str(e).splitlines()[-1].strip()}") from None
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _check_arguments(prompts, candidates, cond_scale, steps, seed, guidance, sampler, num_timesteps) -> None:
+    """Raise ValueError naming the argument, the bound and the value (the API's own check)."""
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt, got none")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt must be non-empty text, got {p!r}")
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= 32:
+        raise ValueError(f"candidates must be an integer in 1..32, got {candidates!r}")
+    if not isinstance(cond_scale, (int, float)) or not np.isfinite(cond_scale) or not 0 <= cond_scale <= 5:
+        raise ValueError(f"cond_scale must be a finite number in 0..5, got {cond_scale!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be an integer in 1..{num_timesteps}, got {steps!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+        raise ValueError(f"seed must be an integer in 0..{SEED_LIMIT - 1}, got {seed!r}")
+    if guidance not in GUIDANCE:
+        raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}, got {guidance!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
