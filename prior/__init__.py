@@ -6,7 +6,9 @@
     result.image_embedding  # (1, 768) float32
 """
 
+__version__ = "0.1.0"
+
 from .checkpoint import PRIOR_EMA_FP16_SHA256, WeightsError
 from .pipeline import DEFAULT_WEIGHTS, GUIDANCE, EmbedResult, Prior, load
 
-__all__ = ["DEFAULT_WEIGHTS", "GUIDANCE", "PRIOR_EMA_FP16_SHA256", "EmbedResult", "Prior", "WeightsError", "load"]
+__all__ = ["__version__", "DEFAULT_WEIGHTS", "GUIDANCE", "PRIOR_EMA_FP16_SHA256", "EmbedResult", "Prior", "WeightsError", "load"]

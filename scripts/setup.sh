@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create (or update) the virtualenv at .venv. Usage: scripts/setup.sh [runtime|test]
+# Re-running is cheap: pip is skipped while the requirements files are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kind="${1:-test}"
+req=requirements.txt
+[ "$kind" = test ] && req=requirements-test.txt
+python="${PYTHON:-python3.11}"
+command -v "$python" >/dev/null || python=python3
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=".venv/.installed-$kind"
+digest=$(cat requirements.txt "$req" pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req" >&2
+  # this package itself, so `python -m prior` works from any directory
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . >&2
+  echo "$digest" > "$stamp"
+fi
