@@ -160,7 +160,8 @@ def run_embed(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.steps > model.config.num_timesteps:
-        raise ArgumentError(f"argument --steps: must be at most {model.config.num_timesteps} for this checkpoint, got {args.steps}")
+        limit = model.config.num_timesteps
+        raise ArgumentError(f"argument --steps: must be at most {limit} for this checkpoint, got {args.steps}")
 
     bar = _progress_bar(args.steps, disable=args.quiet)
     try:
