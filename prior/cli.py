@@ -108,7 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_int_in(1, 65535), default=5000, help="port (default: %(default)s)")
     serve.add_argument("--weights", type=Path, default=None, help="weights file (default: weights/prior_ema_fp16.pth)")
     serve.set_defaults(run=run_serve)
+
+    for name in ("batch", "search"):  # commands that live in their own modules
+        module = _optional_command(name)
+        if module is not None:
+            module.add_parser(commands)
     return parser
+
+
+def _optional_command(name: str):
+    """prior.batch / prior.search: each defines add_parser(commands), which sets `run`."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"prior.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"prior.{name}":
+            raise
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
