@@ -8,6 +8,7 @@ predictor's adapter would have held it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def make_checkpoint(path: str | Path, shape: OracleShape = TINY, seed: int = 0) 
             tensor.add_(0.2 * torch.randn_like(tensor))
     state = {k: v.half() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # concurrent builders never collide
     torch.save(state, tmp)
     tmp.replace(path)
     return path
