@@ -1,0 +1,193 @@
+"""Fetch, check and convert the prior's weights file.
+
+    python -m prior.weights download [--dest DIR] [--revision REV]   fetch prior_ema_fp16.pth into weights/
+    python -m prior.weights verify [PATH] [--sha256 HEX]             check a file's SHA-256
+    python -m prior.weights convert [SRC] [DST]                      write the .safetensors copy that loads faster
+
+The download comes from Hugging Face (laion/DALLE2-PyTorch) through huggingface_hub, at a
+pinned revision. Partial data is kept under DIR/.download/, so an interrupted download
+resumes where it stopped, in the same run (dropped connections) or the next one. The file
+reaches DIR/prior_ema_fp16.pth only once it is complete and its SHA-256 is the published one.
+Exit 0 on success; 1 with one line on stderr when the network, the file or the disk fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .checkpoint import PRIOR_EMA_FP16_SHA256, sha256_of
+
+HF_REPO = "laion/DALLE2-PyTorch"
+HF_FILENAME = "prior_ema_fp16.pth"
+# The commit that added the file ("add slim fp16 ema weights for prior"). Only its short
+# hash is recorded in ../shared/REFERENCE.md; the SHA-256 check below pins the content
+# whatever the revision resolves to.
+HF_REVISION = "f19c9b6"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+STAGING_NAME = ".download"  # under the destination directory: same disk, so the final move is a rename
+
+
+class WeightsFileError(Exception):
+    """Downloading or checking failed; the message is one line for the user."""
+
+
+def hub_url(revision: str = HF_REVISION, endpoint: str | None = None) -> str:
+    """The file's address; `endpoint` defaults to $HF_ENDPOINT, else huggingface.co."""
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(HF_REPO, HF_FILENAME, revision=revision, endpoint=endpoint)
+
+
+def verify(path: str | Path, expected_sha256: str = PRIOR_EMA_FP16_SHA256) -> str:
+    """Return the file's SHA-256 if it is the expected one; else raise WeightsFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f"{path}: {'not a regular file' if path.exists() else 'file not found'}")
+    actual = sha256_of(path)
+    if actual != expected_sha256.lower():
+        raise WeightsFileError(f"{path}: SHA-256 is {actual}, expected {expected_sha256.lower()}")
+    return actual
+
+
+def download(dest: str | Path = WEIGHTS_DIR, revision: str = HF_REVISION,
+             expected_sha256: str = PRIOR_EMA_FP16_SHA256, endpoint: str | None = None) -> Path:
+    """Fetch prior_ema_fp16.pth into `dest` (resuming a partial download) and verify it.
+
+    Returns the final path. A file already there with the right SHA-256 is kept as is.
+    """
+    dest = Path(dest)
+    final = dest / HF_FILENAME
+    if final.is_file():
+        try:
+            verify(final, expected_sha256)
+            print(f"{final} is already there and verified", file=sys.stderr)
+            return final
+        except WeightsFileError as e:
+            print(f"replacing {e}", file=sys.stderr)
+    staging = dest / STAGING_NAME
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WeightsFileError(f"{dest}: cannot write there ({e.strerror or e})") from None
+
+    url = hub_url(revision, endpoint)
+    print(f"downloading {url}", file=sys.stderr)
+    try:
+        fetched = _fetch(url, staging)
+    except Exception as e:  # network, HTTP, offline mode, disk: whatever it is, one line and no traceback
+        _remove_if_nothing_to_resume(staging)
+        raise WeightsFileError(f"cannot download {url}: {_reason(e)}") from None
+
+    try:
+        verify(fetched, expected_sha256)
+    except WeightsFileError as e:
+        fetched.unlink(missing_ok=True)  # never resume from, or keep, a wrong file
+        _remove_if_nothing_to_resume(staging)
+        raise WeightsFileError(f"downloaded file rejected and deleted: {e}") from None
+    os.replace(fetched, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _fetch(url: str, staging: Path) -> Path:
+    """Download `url` into `staging`, continuing from the bytes a previous run left there.
+
+    huggingface_hub's own hf_hub_download resumes a dropped connection within one run but
+    deletes its partial file when the run fails, so a 1.35 GB download interrupted at 90%
+    would start over. Here the partial file is ours: named by the file's ETag (so bytes of a
+    different upload are never continued) and kept until the file is complete.
+    """
+    from huggingface_hub import get_hf_file_metadata
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    # One quick look first, without retries: "no network at all" fails in a second instead
+    # of after huggingface_hub's retry schedule.
+    meta = get_hf_file_metadata(url)
+    tag = "".join(c for c in meta.etag or "unknown" if c.isalnum())[:64]
+    partial = staging / f"{HF_FILENAME}.{tag}.part"
+    have = partial.stat().st_size if partial.exists() else 0
+    if meta.size is not None and have > meta.size:
+        partial.unlink()
+        have = 0
+    if have:
+        print(f"resuming from byte {have:,}", file=sys.stderr)
+    with open(partial, "ab") as out:  # http_get asks for the rest with a Range header and shows a progress bar
+        http_get(meta.location, out, resume_size=have, headers=build_hf_headers(), expected_size=meta.size,
+                 displayed_filename=HF_FILENAME)
+    return partial
+
+
+def _reason(error: BaseException) -> str:
+    """One line: the innermost cause is the telling one ("Connection refused",
+    "offline mode is enabled", "Revision Not Found")."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _remove_if_nothing_to_resume(staging: Path) -> None:
+    """Keep partial data for the next try; drop the folder if it holds none."""
+    if not any(p.suffix == ".part" and p.stat().st_size > 0 for p in staging.glob("*")):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def convert(src: str | Path, dst: str | Path | None = None) -> Path:
+    """Write a safetensors copy of `src` (default: beside it, .safetensors) that loads faster."""
+    from . import checkpoint
+
+    src = Path(src)
+    dst = src.with_suffix(".safetensors") if dst is None else Path(dst)
+    if not hasattr(checkpoint, "convert_to_safetensors"):
+        raise WeightsFileError("this version of prior cannot convert yet (prior.checkpoint.convert_to_safetensors is missing)")
+    try:
+        checkpoint.convert_to_safetensors(src, dst)
+    except checkpoint.WeightsError as e:
+        raise WeightsFileError(str(e)) from None
+    return dst
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m prior.weights", description="Fetch, check and convert the prior's weights.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fetch = commands.add_parser("download", help=f"fetch {HF_FILENAME} from Hugging Face {HF_REPO} and verify it")
+    fetch.add_argument("--dest", type=Path, default=WEIGHTS_DIR, help="directory for the file (default: %(default)s)")
+    fetch.add_argument("--revision", default=HF_REVISION, help="Hugging Face revision (default: %(default)s)")
+
+    check = commands.add_parser("verify", help="check a weights file's SHA-256")
+    check.add_argument("path", nargs="?", type=Path, default=WEIGHTS_DIR / HF_FILENAME, help="default: %(default)s")
+    check.add_argument("--sha256", default=PRIOR_EMA_FP16_SHA256, help="expected SHA-256 (default: the published file's)")
+
+    conv = commands.add_parser("convert", help="write a .safetensors copy that loads faster")
+    conv.add_argument("src", nargs="?", type=Path, default=WEIGHTS_DIR / HF_FILENAME, help="default: %(default)s")
+    conv.add_argument("dst", nargs="?", type=Path, default=None, help="default: SRC with the suffix .safetensors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "download":
+            path = download(args.dest, args.revision)
+            print(f"{path}: OK (SHA-256 {PRIOR_EMA_FP16_SHA256})")
+        elif args.command == "verify":
+            print(f"{args.path}: OK (SHA-256 {verify(args.path, args.sha256)})")
+        else:
+            print(f"wrote {convert(args.src, args.dst)}")
+    except WeightsFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
