@@ -1,0 +1,119 @@
+"""Cog predictor: the inputs and outputs a Replicate user sees, and nothing else.
+
+All the work is `prior.load()` (once, in setup) and `Prior.embed()` (per prediction).
+Bounds on the inputs live in the `Input(...)` declarations below: cog writes them into
+.cog/openapi_schema.json and its server rejects bad values with 422 before predict() runs.
+Keep every `Input(...)` argument a plain literal: `cog build` reads this file without
+running it (a static parser) and skips expressions it cannot evaluate.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path as FilePath
+
+import numpy as np
+from cog import BaseModel, BasePredictor, Input, Path
+
+import prior
+
+WEIGHTS_ENV = "PRIOR_WEIGHTS"  # a weights file to use instead of weights/prior_ema_fp16.pth
+DEFAULT_WEIGHTS = FilePath(__file__).resolve().parent / "weights" / "prior_ema_fp16.pth"
+
+
+class PriorOutput(BaseModel):
+    text_tokens: Path  # .npy, int64 (1, 77): the prompt's CLIP tokens, as clip.tokenize(truncate=True)
+    text_embedding: Path  # .npy, float32 (1, D): CLIP's raw encode_text output, not normalised
+    image_embedding: Path  # .npy, float32 (1, D): the chosen candidate, not re-normalised
+    candidates: Path  # .npy, float32 (N, D): every sampled image embedding
+    scores: list[float]  # cosine similarity of each candidate to the text embedding
+    chosen: int  # index of the candidate returned as image_embedding
+    seed: int  # the seed used: pass it back to get the same result
+
+
+def weights_path() -> FilePath:
+    """The file setup() loads: $PRIOR_WEIGHTS or weights/prior_ema_fp16.pth, or the
+    converted .safetensors beside it when one exists (it loads faster)."""
+    path = FilePath(os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS)
+    converted = path.with_suffix(".safetensors")
+    if path.suffix != ".safetensors" and converted.is_file():
+        return converted
+    return path
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        """Load the weights once: cuda when present (float16), else cpu (float32).
+
+        A missing or bad file raises prior.WeightsError, whose one-line message names the
+        file and the problem; cog then reports SETUP_FAILED with that line in the logs.
+        """
+        path = weights_path()
+        self.model = prior.load(path)
+        print(f"loaded {path} on {self.model.device} ({str(self.model.dtype).removeprefix('torch.')}) "
+              f"in {self.model.load_seconds:.1f} s")
+
+    def predict(
+        self,
+        prompt: str = Input(description="The text to turn into a CLIP ViT-L/14 image embedding.", regex=r".*\S.*"),
+        candidates: int = Input(
+            default=2, ge=1, le=32,
+            description="How many image embeddings to sample; the one closest to the text is returned.",
+        ),
+        cond_scale: float = Input(
+            default=1.0, ge=0.0, le=5.0,
+            description="Classifier-free guidance scale. 1 disables guidance; higher follows the text more closely.",
+        ),
+        steps: int = Input(
+            default=64, ge=1, le=1000,
+            description="Denoising steps. 64 is fast; 1000 is the original model's exact sampler.",
+        ),
+        seed: int | None = Input(
+            default=None, ge=0, le=4294967295,
+            description="Random seed. Leave blank for a random one; the seed used is returned.",
+        ),
+        guidance: str = Input(
+            default="original", choices=["original", "standard"],
+            description="'original' reproduces the released model exactly; 'standard' is textbook guidance.",
+        ),
+        sampler: str = Input(
+            default="ddpm", choices=["ddpm", "ddim"],
+            description="'ddpm' samples like the original; 'ddim' is deterministic for a given seed.",
+        ),
+    ) -> PriorOutput:
+        result = self.model.embed(prompt, candidates=candidates, cond_scale=cond_scale, steps=steps, seed=seed,
+                                  guidance=guidance, sampler=sampler)
+        folder = write_arrays(result)
+        return PriorOutput(
+            text_tokens=Path(folder / "text_tokens.npy"),
+            text_embedding=Path(folder / "text_embedding.npy"),
+            image_embedding=Path(folder / "image_embedding.npy"),
+            candidates=Path(folder / "candidates.npy"),
+            scores=[float(s) for s in result.scores[0]],
+            chosen=int(result.chosen[0]),
+            seed=int(result.seed),
+        )
+
+
+def write_arrays(result: prior.EmbedResult) -> FilePath:
+    """Save one prompt's arrays as .npy files in a new directory of their own.
+
+    A fresh directory per prediction: nothing is shared between predictions or cached by
+    prompt. Should a save fail, the directory is removed, so no half-written set is left.
+    """
+    folder = FilePath(tempfile.mkdtemp(prefix="prior-"))
+    arrays = {
+        "text_tokens": result.tokens[:1].astype(np.int64),
+        "text_embedding": result.text_embedding[:1].astype(np.float32),
+        "image_embedding": result.image_embedding[:1].astype(np.float32),
+        "candidates": result.candidates[0].astype(np.float32),
+    }
+    try:
+        for name, array in arrays.items():
+            np.save(folder / f"{name}.npy", array)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
