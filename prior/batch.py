@@ -1,0 +1,588 @@
+"""`python -m prior batch`: a file of prompts -> sharded embeddings, on one machine or a Ray cluster.
+
+The output is the layout clip-retrieval writes and embedding-reader / autofaiss read:
+
+    DIR/img_emb/img_emb_{i}.npy          (rows, D) the prior's image embedding, exactly as
+                                         Prior.embed returns it (what CLIP-conditioned decoders take)
+    DIR/text_emb/text_emb_{i}.npy        (rows, D) CLIP text embedding, L2-normalised
+                                         (clip-retrieval's convention; the raw norm is in metadata)
+    DIR/metadata/metadata_{i}.parquet    one line per row: row, source_row, prompt, seed, score,
+                                         chosen, truncated, text_norm
+    DIR/batch.json                       the run's settings; resuming demands the same ones
+
+Rows are the non-blank prompts of INPUT in order; `source_row` says where each came from.
+Shard i holds rows [i*M, (i+1)*M) for --shard-size M, its number zero-padded as clip-retrieval
+does so that a sorted file listing is row order. Row r is sampled with seed (run seed + r) mod
+2**32, whatever the batch it lands in or the worker that runs it.
+
+A shard is finished when its three files exist with the right row count. Each file is written
+under a temporary name and renamed, metadata last, so a run killed at any moment leaves at
+worst an unfinished shard, which the next run with the same --out redoes.
+
+The driver alone writes files; workers (this process, or Ray actors) only compute batches, so
+a Ray run writes the same bytes as a single-process run with the same --batch-size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .cli import SEED_LIMIT, ArgumentError, _int_in, add_sampling_arguments, check_device, check_output_dir
+
+MANIFEST = "batch.json"
+TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+DEFAULT_TABLE_COLUMN = "caption"  # img2dataset's and clip-retrieval's name for the text column
+# Settings that change the numbers in the files: a resumed run must repeat them exactly.
+# (--batch-size, --ray and --workers do not change them.)
+RESUME_KEYS = ("input_sha256", "rows", "weights_sha256", "candidates", "cond_scale", "steps", "seed",
+               "guidance", "sampler", "device", "dtype", "shard_size", "emb_dtype")
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+
+
+@dataclass
+class Prompts:
+    texts: list[str]  # the non-blank prompts, in file order: row r is texts[r]
+    source_rows: list[int]  # 0-based line (text file) or row (table) of INPUT each came from
+
+    def sha256(self) -> str:
+        """A fingerprint of exactly what gets embedded, to refuse resuming on a changed INPUT."""
+        digest = hashlib.sha256()
+        for source_row, text in zip(self.source_rows, self.texts, strict=True):
+            data = text.encode("utf-8")
+            digest.update(source_row.to_bytes(8, "little") + len(data).to_bytes(8, "little") + data)
+        return digest.hexdigest()
+
+
+def read_prompts(path: Path, column: str | None = None) -> Prompts:
+    """Prompts from a text file (one a line) or a Parquet/CSV file's `column`.
+
+    Blank prompts (empty, only whitespace, or null) are skipped: they have no embedding.
+    Raises ArgumentError naming INPUT or --column.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ArgumentError(f"argument INPUT: no such file, got {str(path)!r}")
+    if not path.is_file():
+        raise ArgumentError(f"argument INPUT: must be a file, got {str(path)!r} (not a regular file)")
+    kind = TABLE_SUFFIXES.get(path.suffix.lower(), "text")
+    if kind == "text":
+        if column is not None:
+            raise ArgumentError(f"argument --column: only for .parquet or .csv INPUT, got --column {column!r} "
+                                f"with the text file {str(path)!r}")
+        values = _read_text_lines(path)
+    else:
+        values = _read_table_column(path, kind, column or DEFAULT_TABLE_COLUMN)
+    texts, source_rows = [], []
+    for i, value in enumerate(values):
+        if value is not None and value.strip():
+            texts.append(value)
+            source_rows.append(i)
+    if not texts:
+        what = "lines" if kind == "text" else f"values in column {column or DEFAULT_TABLE_COLUMN!r}"
+        raise ArgumentError(f"argument INPUT: holds no prompts (no non-blank {what}), got {str(path)!r}")
+    return Prompts(texts, source_rows)
+
+
+def _read_text_lines(path: Path) -> list[str]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ArgumentError(f"argument INPUT: cannot be read, got {str(path)!r} ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8-sig")  # a leading byte-order mark is not part of the first prompt
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ArgumentError(f"argument INPUT: must be UTF-8 text, got {str(path)!r} (invalid byte on line {line}); "
+                            "for a table use a .parquet or .csv file") from None
+    # Only "\n" ends a line (str.splitlines would also split on form feeds and U+2028 inside prompts).
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _read_table_column(path: Path, kind: str, column: str) -> list[str | None]:
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    try:
+        if kind == "parquet":
+            names = pq.read_schema(path).names
+            if column not in names:
+                raise _missing_column(column, names, path)
+            table = pq.read_table(path, columns=[column])
+        else:
+            # every column as text: a prompt column of digits stays text
+            options = pa_csv.ConvertOptions(column_types={column: pa.string()}, strings_can_be_null=True)
+            table = pa_csv.read_csv(path, convert_options=options)
+            if column not in table.column_names:
+                raise _missing_column(column, table.column_names, path)
+    except ArgumentError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArgumentError(f"argument INPUT: not a readable {kind} file, got {str(path)!r} ({first_line})") from None
+    values = table.column(column)
+    if pa.types.is_dictionary(values.type):
+        values = values.cast(values.type.value_type)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise ArgumentError(f"argument --column: must name a text column, got {column!r} (holds {values.type})")
+    return values.to_pylist()
+
+
+def _missing_column(column: str, names: Sequence[str], path: Path) -> ArgumentError:
+    shown = ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
+    return ArgumentError(f"argument --column: must be a column of {str(path)!r}, got {column!r} (columns: {shown})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The job: settings, shards, and the files of one shard
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides the numbers written."""
+
+    candidates: int
+    cond_scale: float
+    steps: int
+    seed: int
+    guidance: str
+    sampler: str
+    device: str  # "cpu" or "cuda": the same prompt and seed differ in the last bits between them
+    dtype: str  # network precision, as resolved on the workers
+    shard_size: int
+    emb_dtype: str
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int  # first row
+    stop: int  # one past the last row
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def plan_shards(rows: int, shard_size: int) -> list[Shard]:
+    return [Shard(i, start, min(start + shard_size, rows)) for i, start in enumerate(range(0, rows, shard_size))]
+
+
+def shard_paths(out: Path, shard: Shard, shard_count: int) -> dict[str, Path]:
+    """The three files of a shard, keyed img/text/meta. Numbers are zero-padded to a common
+    width, as clip-retrieval does, so sorted file names are in row order (embedding-reader
+    and clip-retrieval's metadata reader both rely on sorted names)."""
+    number = str(shard.index).zfill(len(str(shard_count)))
+    return {
+        "img": out / "img_emb" / f"img_emb_{number}.npy",
+        "text": out / "text_emb" / f"text_emb_{number}.npy",
+        "meta": out / "metadata" / f"metadata_{number}.parquet",
+    }
+
+
+def is_finished(paths: dict[str, Path], rows: int) -> bool:
+    """All three files are there and hold `rows` rows; anything else is redone."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    try:
+        if pq.read_metadata(paths["meta"]).num_rows != rows:
+            return False
+        return all(np.load(paths[k], mmap_mode="r").shape[0] == rows for k in ("img", "text"))
+    except Exception:  # missing, truncated or not ours: whatever the error, the shard is redone
+        return False
+
+
+def write_shard(paths: dict[str, Path], columns: dict, emb_dtype: str) -> None:
+    """Write one shard: each file to a temporary name beside it, then renamed, metadata last."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def save_npy(path: Path, array) -> Path:
+        partial = path.with_name(f".{path.name}.partial")  # not *.npy: readers' globs skip it
+        with open(partial, "wb") as f:
+            np.save(f, np.ascontiguousarray(array, dtype=emb_dtype))
+            f.flush()
+            os.fsync(f.fileno())
+        return partial
+
+    img = save_npy(paths["img"], columns["img"])
+    text = save_npy(paths["text"], columns["text"])
+    table = pa.table({
+        "row": pa.array(columns["row"], pa.int64()),
+        "source_row": pa.array(columns["source_row"], pa.int64()),
+        "prompt": pa.array(columns["prompt"], pa.string()),
+        "seed": pa.array(columns["seed"], pa.int64()),
+        "score": pa.array(columns["score"], pa.float32()),
+        "chosen": pa.array(columns["chosen"], pa.int64()),
+        "truncated": pa.array(columns["truncated"], pa.bool_()),
+        "text_norm": pa.array(columns["text_norm"], pa.float32()),
+    })
+    meta = paths["meta"].with_name(f".{paths['meta'].name}.partial")
+    pq.write_table(table, meta)
+    with open(meta, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(img, paths["img"])
+    os.replace(text, paths["text"])
+    os.replace(meta, paths["meta"])  # last: from here on the shard counts as finished
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: one loaded model, batches in, arrays out. Runs in this process or as a Ray actor.
+
+
+class Embedder:
+    """Turns a batch of rows into the columns of the output files."""
+
+    def __init__(self) -> None:
+        self.model = None
+
+    def load(self, weights: str, device: str | None, dtype: str | None, sha256: str | None,
+             threads: int | None = None) -> dict:
+        """Load the weights (verified against `sha256` when given); describe the model."""
+        import torch
+
+        from .pipeline import load
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = load(weights, device=device, dtype=dtype, expected_sha256=sha256)
+        return {"dim": self.model.config.dim, "num_timesteps": self.model.config.num_timesteps,
+                "device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
+                "host": platform.node()}
+
+    def embed_rows(self, first_row: int, prompts: list[str], settings: Settings) -> dict:
+        """Rows first_row.. of the job: row r uses seed (settings.seed + r) mod 2**32, because
+        Prior.embed gives prompt i of a call the call's seed + i."""
+        import numpy as np
+
+        result = self.model.embed(prompts, candidates=settings.candidates, cond_scale=settings.cond_scale,
+                                  steps=settings.steps, seed=(settings.seed + first_row) % SEED_LIMIT,
+                                  guidance=settings.guidance, sampler=settings.sampler)
+        text_norm = np.linalg.norm(result.text_embedding, axis=1)
+        rows = np.arange(len(prompts))
+        return {
+            "img": result.image_embedding,
+            "text": result.text_embedding / np.maximum(text_norm, np.finfo(np.float32).tiny)[:, None],
+            "seed": list(result.seeds),
+            "score": result.scores[rows, result.chosen],
+            "chosen": result.chosen,
+            "truncated": list(result.truncated),
+            "text_norm": text_norm,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a job
+
+
+@dataclass
+class Job:
+    out: Path
+    prompts: Prompts
+    settings: Settings
+    batch_size: int
+    shards: list[Shard]
+    todo: list[Shard]  # the unfinished ones
+
+    def batches(self) -> Iterator[tuple[Shard, int, list[str]]]:
+        """(shard, first row, prompts) for every batch still to do; a batch never spans shards."""
+        for shard in self.todo:
+            for start in range(shard.start, shard.stop, self.batch_size):
+                stop = min(start + self.batch_size, shard.stop)
+                yield shard, start, self.prompts.texts[start:stop]
+
+    def rows_done(self) -> int:
+        return sum(s.rows for s in self.shards) - sum(s.rows for s in self.todo)
+
+
+class ShardAssembler:
+    """Collects batch results in row order and writes each shard as soon as it is complete."""
+
+    def __init__(self, job: Job, on_rows: Callable[[int], None]):
+        self.job, self.on_rows = job, on_rows
+        self.parts: list[dict] = []
+        self.written = 0
+
+    def add(self, shard: Shard, first_row: int, part: dict) -> None:
+        self.parts.append(part)
+        self.on_rows(len(part["seed"]))
+        if first_row + len(part["seed"]) == shard.stop:
+            self._write(shard)
+
+    def _write(self, shard: Shard) -> None:
+        import numpy as np
+
+        parts, self.parts = self.parts, []
+        columns = {key: np.concatenate([np.asarray(p[key]) for p in parts]) for key in parts[0]}
+        columns["row"] = np.arange(shard.start, shard.stop)
+        columns["source_row"] = self.job.prompts.source_rows[shard.start : shard.stop]
+        columns["prompt"] = self.job.prompts.texts[shard.start : shard.stop]
+        if len(columns["seed"]) != shard.rows:
+            raise RuntimeError(f"shard {shard.index}: got {len(columns['seed'])} rows, expected {shard.rows}")
+        write_shard(shard_paths(self.job.out, shard, len(self.job.shards)), columns, self.job.settings.emb_dtype)
+        self.written += 1
+
+
+class LocalWorker:
+    """One model in this process."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.embedder = args, Embedder()
+        self.weights_sha256: str | None = None
+
+    def start(self) -> dict:
+        from .checkpoint import sha256_of
+
+        args = self.args
+        description = self.embedder.load(str(args.weights), args.device, args.dtype, args.sha256)
+        self.weights_sha256 = self.embedder.model.weights_sha256 or sha256_of(args.weights)
+        return description
+
+    def map(self, units: list[tuple[Shard, int, list[str]]], settings: Settings) -> Iterator[dict]:
+        for _, first_row, prompts in units:
+            yield self.embedder.embed_rows(first_row, prompts, settings)
+
+    def close(self) -> None:
+        pass
+
+
+class RayWorkers:
+    """Ray actors, one model each (one per GPU, or CPU actors sharing the cores). The results
+    come back to this process, which writes every file: the output does not depend on the
+    workers, and only the driver needs to see DIR."""
+
+    def __init__(self, args: argparse.Namespace):
+        from .checkpoint import WeightsError, sha256_of
+
+        self.args, self.ray, self.actors = args, None, []
+        weights = Path(args.weights)
+        if not weights.is_file():
+            raise WeightsError(weights, "file not found" if not weights.exists() else "not a regular file")
+        # Every worker loads its own copy (same path on every node) and checks it against this.
+        self.weights_sha256 = args.sha256 or sha256_of(weights)
+
+    def start(self) -> dict:
+        import logging
+
+        args = self.args
+        try:
+            import ray
+        except ImportError:
+            raise ArgumentError("argument --ray: needs the 'ray' package (pip install ray)") from None
+        # "auto": the cluster in RAY_ADDRESS or the one `ray start` began on this machine, else a
+        # new local one; "local": always a new local one; anything else: that cluster's address.
+        try:
+            ray.init(address=None if args.ray == "auto" else args.ray, include_dashboard=False,
+                     logging_level=logging.ERROR, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise ArgumentError(f"argument --ray: cannot reach a Ray cluster at {args.ray!r} "
+                                f"({str(e).strip().splitlines()[0]})") from None
+        self.ray = ray
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        if gpus and args.device != "cpu":  # one model per GPU
+            count, options, threads = args.workers or gpus, {"num_gpus": 1, "num_cpus": 1}, None
+        elif args.device == "cuda":
+            raise ArgumentError(f"argument --device: the Ray cluster at {args.ray!r} has no GPU, got 'cuda'")
+        else:  # CPU workers share the cluster's cores
+            count = args.workers or 1
+            threads = max(1, cpus // count)
+            options = {"num_cpus": threads}
+        remote = ray.remote(Embedder).options(**options)
+        self.actors = [remote.remote() for _ in range(count)]
+        weights = str(Path(args.weights).resolve())
+        described = self._get([a.load.remote(weights, args.device, args.dtype, self.weights_sha256, threads)
+                               for a in self.actors])
+        kinds = {(d["device"], d["dtype"]) for d in described}
+        if len(kinds) > 1:  # mixed precisions would make a row depend on the worker that ran it
+            raise ArgumentError(f"argument --ray: workers disagree on device and dtype {sorted(kinds)}; "
+                                "set --device and --dtype")
+        hosts = {d["host"] for d in described}
+        print(f"ray: {count} worker(s) on {len(hosts)} node(s), {described[0]['device']} {described[0]['dtype']}",
+              file=sys.stderr)
+        return described[0]
+
+    def map(self, units: list[tuple[Shard, int, list[str]]], settings: Settings) -> Iterator[dict]:
+        from ray.util import ActorPool
+
+        pool = ActorPool(self.actors)
+        # ordered results: the driver writes shards in row order, at most a shard or two held here
+        results = pool.map(lambda actor, unit: actor.embed_rows.remote(unit[1], unit[2], settings), units)
+        while True:
+            try:
+                yield self._unwrap(lambda: next(results))
+            except StopIteration:
+                return
+
+    def _get(self, refs):
+        return self._unwrap(lambda: self.ray.get(refs))
+
+    def _unwrap(self, call):
+        """A worker's exception (a bad weights file, say), not Ray's wrapper around it."""
+        try:
+            return call()
+        except self.ray.exceptions.RayTaskError as e:
+            raise (getattr(e, "cause", None) or e) from None
+
+    def close(self) -> None:
+        if self.ray is not None:
+            self.ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory's manifest
+
+
+def check_manifest(out: Path, record: dict) -> None:
+    """Refuse to mix two runs' shards in one directory."""
+    path = out / MANIFEST
+    if not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArgumentError(f"argument --out: {str(path)!r} is not a readable batch manifest ({e})") from None
+    differing = [k for k in RESUME_KEYS if previous.get(k) != record[k]]
+    if differing:
+        shown = "; ".join(f"{k}: {previous.get(k)!r} there, {record[k]!r} now" for k in differing[:3])
+        raise ArgumentError(f"argument --out: {str(out)!r} holds a run with other settings ({shown}); "
+                            "repeat its settings to resume it, or choose another --out")
+
+
+def write_manifest(out: Path, record: dict) -> None:
+    path = out / MANIFEST
+    partial = out / f".{MANIFEST}.partial"
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def manifest_seed(out: Path) -> int | None:
+    """The seed a previous run in `out` drew, so that resuming needs no --seed."""
+    try:
+        seed = json.loads((out / MANIFEST).read_text()).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) and 0 <= seed < SEED_LIMIT else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "batch", help="embed a file of prompts into sharded .npy + .parquet files (clip-retrieval's layout)",
+        description="Embed every non-blank prompt of INPUT; resumable; --ray runs it on a Ray cluster.")
+    parser.add_argument("input", metavar="INPUT", type=Path,
+                        help="a text file (one prompt a line; blank lines skipped), or a .parquet / .csv file")
+    add_sampling_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory: img_emb/, text_emb/, metadata/, batch.json; rerun to resume")
+    parser.add_argument("--column", default=None,
+                        help=f"the prompt column of a .parquet / .csv INPUT (default: {DEFAULT_TABLE_COLUMN!r})")
+    parser.add_argument("--batch-size", type=_int_in(1, 65536), default=64,
+                        help="prompts per forward pass (1..65536, default 64); does not change the results")
+    parser.add_argument("--shard-size", type=_int_in(1, 100_000_000), default=100_000,
+                        help="rows per output file, and the unit of resumption (default 100000)")
+    parser.add_argument("--emb-dtype", choices=("float32", "float16"), default="float32",
+                        help="dtype of the .npy files (default float32; float16 halves them, as clip-retrieval)")
+    parser.add_argument("--ray", metavar="auto|local|ADDRESS", default=None,
+                        help="run on Ray: 'auto' joins the running cluster (RAY_ADDRESS, or `ray start` here) or "
+                             "starts one; 'local' starts one here; else a cluster address such as ray://head:10001")
+    parser.add_argument("--workers", type=_int_in(1, 100_000), default=None,
+                        help="Ray workers, one model each (default: one per GPU in the cluster; 1 without GPUs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run_batch)
+
+
+def _check_steps(steps: int, num_timesteps: int) -> None:
+    if steps > num_timesteps:
+        raise ArgumentError(f"argument --steps: must be at most {num_timesteps} for this checkpoint, got {steps}")
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    if args.workers is not None and args.ray is None:
+        raise ArgumentError(f"argument --workers: only with --ray, got {args.workers}")
+    if args.ray is not None and not args.ray.strip():
+        raise ArgumentError("argument --ray: must be 'auto', 'local' or a cluster address, got ''")
+    out = Path(args.out)
+    check_output_dir(out)
+    prompts = read_prompts(args.input, args.column)  # before the slow part: bad input fails fast
+    if args.ray is None:
+        check_device(args.device)
+
+    from .checkpoint import WeightsError
+
+    workers = None
+    try:
+        workers = LocalWorker(args) if args.ray is None else RayWorkers(args)
+        model = workers.start()
+        _check_steps(args.steps, model["num_timesteps"])
+        seed = args.seed if args.seed is not None else manifest_seed(out)
+        if seed is None:
+            import secrets
+
+            seed = secrets.randbelow(SEED_LIMIT)
+        settings = Settings(candidates=args.candidates, cond_scale=args.cond_scale, steps=args.steps, seed=seed,
+                            guidance=args.guidance, sampler=args.sampler, device=model["device"].split(":")[0],
+                            dtype=model["dtype"], shard_size=args.shard_size, emb_dtype=args.emb_dtype)
+        record = {**asdict(settings), "input_sha256": prompts.sha256(), "rows": len(prompts.texts),
+                  "weights_sha256": workers.weights_sha256, "input": str(Path(args.input).resolve()),
+                  "column": args.column, "weights": str(Path(args.weights).resolve()), "dim": model["dim"],
+                  "img_emb": "the prior's image embedding as Prior.embed returns it (not re-normalised)",
+                  "text_emb": "CLIP's text embedding, L2-normalised (metadata text_norm holds the raw norm)"}
+        check_manifest(out, record)
+
+        shards = plan_shards(len(prompts.texts), args.shard_size)
+        todo = [s for s in shards if not is_finished(shard_paths(out, s, len(shards)), s.rows)]
+        job = Job(out, prompts, settings, args.batch_size, shards, todo)
+        for folder in ("img_emb", "text_emb", "metadata"):
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        write_manifest(out, record)
+
+        bar = _progress_bar(len(prompts.texts), job.rows_done(), args.quiet)
+        started = time.perf_counter()
+        try:
+            assembler = ShardAssembler(job, bar.update)
+            units = list(job.batches())
+            for (shard, first_row, _), part in zip(units, workers.map(units, settings), strict=True):
+                assembler.add(shard, first_row, part)
+        finally:
+            bar.close()
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; finished shards in {out}/ are kept: rerun the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        if workers is not None:
+            workers.close()
+    seconds = time.perf_counter() - started
+    computed = sum(s.rows for s in todo)
+    rate = f", {computed / seconds:.2f} prompts/s" if computed and seconds > 0 else ""
+    skipped = len(shards) - len(todo)
+    print(f"wrote {assembler.written} shard(s), {computed} rows, to {out}/ (seed {seed}"
+          f"{f'; {skipped} finished shard(s) skipped' if skipped else ''}{rate})")
+    return 0
+
+
+def _progress_bar(total: int, done: int, disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="embedding", unit="prompt", file=sys.stderr, disable=disable,
+                dynamic_ncols=True)
