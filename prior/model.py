@@ -12,7 +12,8 @@ Because attention is causal, the states of positions 0..77 never see the timeste
 x_t: they are the same at every one of the 1000 sampling steps. `encode_condition` runs
 them once and keeps each layer's keys and values (a KV cache); `denoise` then runs only
 the last three positions per step. That is the same arithmetic as running all 81 tokens,
-in about 3/81 of the work.
+in about 3/81 of the work. Positions whose keys are masked for every row (padding, and
+the whole prefix of the unconditional pass) are not computed at all.
 
 Keys and weights follow the checkpoint's tensors one to one; `prior/checkpoint.py` maps
 the file's names to the names used here.
@@ -120,9 +121,10 @@ class Block(nn.Module):
 class Condition:
     """What a batch of text conditions contributes to every step, computed once.
 
-    keys, values: (depth, B, 1 + PREFIX_LEN, dh) per layer, null key/value first, keys rotated.
-    step_bias: (B, H, STEP_LEN, 1 + SEQ_LEN) additive attention bias for the three step
-    tokens: relative-position bias, -inf on masked keys and on causally hidden ones.
+    keys, values: (depth, B, 1 + P, dh) per layer: the null key/value, then the P prefix
+    positions that any row can attend (keys rotated). step_bias: (B, H, STEP_LEN, 1 + P + STEP_LEN),
+    the additive attention bias of the three step tokens over those keys and themselves:
+    relative-position bias, -inf on masked keys and on causally hidden ones.
     """
 
     keys: torch.Tensor
@@ -141,8 +143,22 @@ class Condition:
             self.step_bias.repeat_interleave(n, dim=0),
         )
 
+    def padded(self, prefix_keys: int) -> Condition:
+        """The same condition with masked dummy prefix keys appended, up to `prefix_keys`."""
+        extra = prefix_keys - (self.keys.shape[2] - 1)
+        if extra == 0:
+            return self
+        depth, b, _, dh = self.keys.shape
+        zeros = self.keys.new_zeros(depth, b, extra, dh)
+        hidden = self.step_bias.new_full((*self.step_bias.shape[:3], extra), float("-inf"))
+        bias = torch.cat([self.step_bias[..., :-STEP_LEN], hidden, self.step_bias[..., -STEP_LEN:]], dim=-1)
+        return Condition(torch.cat([self.keys, zeros], dim=2), torch.cat([self.values, zeros], dim=2), bias)
+
     @staticmethod
     def cat(conditions: list[Condition]) -> Condition:
+        """Stack conditions along the batch, padding their prefixes to one length."""
+        longest = max(c.keys.shape[2] - 1 for c in conditions)
+        conditions = [c.padded(longest) for c in conditions]
         return Condition(
             torch.cat([c.keys for c in conditions], dim=1),
             torch.cat([c.values for c in conditions], dim=1),
@@ -165,10 +181,9 @@ class PriorNetwork(nn.Module):
 
     # -- tables that depend only on positions, built once per condition -----------------
 
-    def rotary_tables(self, start: int, stop: int, dtype: torch.dtype):
-        """cos and sin (stop - start, rotary_dim) for positions start..stop-1, interleaved."""
-        positions = torch.arange(start, stop, device=self.rotary_freqs.device, dtype=torch.float32)
-        angles = positions[:, None] * self.rotary_freqs.float()[None, :]
+    def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos and sin (len(positions), rotary_dim) at the given token positions, interleaved."""
+        angles = positions.float()[:, None] * self.rotary_freqs.float()[None, :]
         angles = angles.repeat_interleave(2, dim=-1)  # one angle per (even, odd) pair
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -196,36 +211,60 @@ class PriorNetwork(nn.Module):
 
         text_states (B, 77, D), text_embed (B, D) normalised, text_mask (B, 77) bool,
         keep (B,) bool: False drops the condition (classifier-free guidance's null pass).
+
+        A prefix position whose key no row attends influences nothing: no query ever sees
+        it. So only the text positions up to the last attended one, and the text-embedding
+        position if any row keeps it, are computed. For a short prompt that is a few tokens
+        instead of 78; for the unconditional pass it is none at all.
         """
-        b, dtype = text_states.shape[0], text_states.dtype
-        x = torch.cat([text_states, text_embed[:, None, :]], dim=1)  # (B, 78, D)
+        b, dtype, device = text_states.shape[0], text_states.dtype, text_states.device
+        text_keys = text_mask & keep[:, None]  # (B, 77) text positions attended by anyone
+        attended = text_keys.any(dim=0).nonzero()
+        used = int(attended.max()) + 1 if len(attended) else 0
+        with_embed = bool(keep.any())
+        positions = torch.cat([
+            torch.arange(used, device=device),
+            torch.full((int(with_embed),), TEXT_LEN, device=device),
+        ])  # (P,) the prefix positions computed
+        x = torch.cat([text_states[:, :used], text_embed[:, None, :][:, : int(with_embed)]], dim=1)  # (B, P, D)
+
+        # attention bias over keys [null, prefix positions, 3 step tokens]
+        step_positions = torch.arange(PREFIX_LEN, SEQ_LEN, device=device)
+        key_columns = torch.cat([torch.zeros(1, dtype=torch.long, device=device), positions + 1, step_positions + 1])
         key_mask = torch.cat([
-            torch.ones(b, 1, dtype=torch.bool, device=x.device),  # null key: always attended
-            text_mask & keep[:, None],
-            keep[:, None],
-            torch.ones(b, STEP_LEN, dtype=torch.bool, device=x.device),
-        ], dim=1)  # (B, 1 + SEQ_LEN)
-        bias = self.position_bias(dtype)[None].masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        prefix_bias = bias[:, :, :PREFIX_LEN, : 1 + PREFIX_LEN]
-        rotary = self.rotary_tables(0, PREFIX_LEN, dtype)
+            torch.ones(b, 1, dtype=torch.bool, device=device),  # null key: always attended
+            text_keys[:, :used],
+            keep[:, None][:, : int(with_embed)],
+            torch.ones(b, STEP_LEN, dtype=torch.bool, device=device),
+        ], dim=1)
+        bias = self.position_bias(dtype)[:, :, key_columns][None]
+        bias = bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))  # (B, H, SEQ_LEN, 1 + P + 3)
+        n_prefix = len(positions)
+        prefix_bias = bias[:, :, positions, : 1 + n_prefix]
+        step_bias = bias[:, :, step_positions, :].contiguous()
+        rotary = self.rotary_tables(positions, dtype)
 
         keys, values = [], []
         for i, block in enumerate(self.blocks):
+            null_k, null_v = (kv.expand(b, 1, -1).to(dtype) for kv in block.attn.null_kv)
+            if n_prefix == 0:
+                keys.append(null_k)
+                values.append(null_v)
+                continue
             q, k, v = block.attn.project(x, rotary)
-            k = torch.cat([block.attn.null_kv[0].expand(b, 1, -1), k], dim=1)
-            v = torch.cat([block.attn.null_kv[1].expand(b, 1, -1), v], dim=1)
+            k, v = torch.cat([null_k, k], dim=1), torch.cat([null_v, v], dim=1)
             keys.append(k)
             values.append(v)
             if i + 1 < len(self.blocks):  # the last layer's prefix outputs are never read
                 x = x + block.attn.attend(q, k, v, prefix_bias)
                 x = x + block.ff(x)
-        return Condition(torch.stack(keys), torch.stack(values), bias[:, :, PREFIX_LEN:, :].contiguous())
+        return Condition(torch.stack(keys), torch.stack(values), step_bias)
 
     def denoise(self, cond: Condition, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Predict x_0 (B, D) from x_t (B, D) at timesteps t (B,), given a Condition."""
         b = x_t.shape[0]
         x = torch.stack([self.time_embed(t), x_t, self.learned_query.expand(b, -1)], dim=1)
-        rotary = self.rotary_tables(PREFIX_LEN, SEQ_LEN, x.dtype)
+        rotary = self.rotary_tables(torch.arange(PREFIX_LEN, SEQ_LEN, device=x.device), x.dtype)
         for i, block in enumerate(self.blocks):
             q, k, v = block.attn.project(x, rotary)
             k = torch.cat([cond.keys[i], k], dim=1)
