@@ -8,6 +8,10 @@ The file holds three groups of tensors:
 `read_checkpoint` loads it safely (weights_only: tensors, never code), checks every tensor
 it keeps, infers every size from tensor shapes, and returns `Weights`: what inference
 needs, renamed to our modules' names. Any problem is a `WeightsError` naming the file.
+
+`convert_to_safetensors` writes the tensors inference needs (no visual tower), under the
+same names, to a .safetensors file with a SHA-256 sidecar: no pickle at all, memory-mapped
+on load, about 60% of the original's size. `read_checkpoint` reads either format.
 """
 
 from __future__ import annotations
@@ -94,25 +98,71 @@ def sha256_of(path: str | Path, chunk: int = 1 << 24) -> str:
 
 
 def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Weights:
-    """Load, check and split a prior_ema_fp16.pth-format file. Raises WeightsError."""
+    """Load, check and split a prior_ema_fp16.pth-format file, or its converted .safetensors.
+
+    A .safetensors file is checked against its `.sha256` sidecar when no hash is given.
+    Raises WeightsError.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(path, "file not found" if not path.exists() else "not a regular file")
     if path.stat().st_size == 0:
         raise WeightsError(path, "file is empty (0 bytes)")
+    sidecar = sidecar_path(path)
+    # A converted file whose sidecar hash matches holds exactly the tensors that were
+    # checked when it was written: the (slow) NaN/Inf scan is not repeated.
+    converted = path.suffix == ".safetensors" and expected_sha256 is None and sidecar.is_file()
+    if converted:
+        expected_sha256 = sidecar.read_text().split()[0] if sidecar.read_text().strip() else "(empty sidecar)"
     sha256 = None
     if expected_sha256 is not None:
         sha256 = sha256_of(path)
         if sha256 != expected_sha256.lower():
             raise WeightsError(path, f"SHA-256 is {sha256}, expected {expected_sha256.lower()} (corrupted or a different file)")
-    state = _torch_load(path)
+    state = _safetensors_load(path) if path.suffix == ".safetensors" else _torch_load(path)
     prior_config, prior_state = _split_prior(path, state)
     text_config, text_state = _split_text(path, state, prior_config.dim)
     schedule = _split_schedule(path, state, prior_config.num_timesteps)
     for name, tensor in [*prior_state.items(), *text_state.items(), *schedule.items()]:
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not converted and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WeightsError(path, f"tensor {name!r} contains NaN or Inf")
     return Weights(prior_config, text_config, prior_state, text_state, schedule, path, sha256)
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, expected_sha256: str | None = None) -> Path:
+    """Write what inference needs from `src` to `dst` (default: src with .safetensors), plus
+    `dst.sha256`. The source is fully checked first; `dst` appears only when complete."""
+    from safetensors.torch import save_file
+
+    src = Path(src)
+    dst = Path(dst) if dst is not None else src.with_suffix(".safetensors")
+    weights = read_checkpoint(src, expected_sha256)  # every check, before anything is written
+    state = _torch_load(src)
+    text_keys = {f"clip.clip.{k}" for k in weights.text_state}
+    kept = {k: v.clone().contiguous() for k, v in state.items()
+            if k.startswith(("net.", "noise_scheduler.")) or k in text_keys}
+    metadata = {"format": "conditioned-prior/1", "source": src.name, "source_sha256": weights.sha256 or "unknown"}
+    partial = dst.with_name(dst.name + ".partial")
+    save_file(kept, partial, metadata=metadata)
+    digest = sha256_of(partial)
+    partial.replace(dst)
+    sidecar_path(dst).write_text(f"{digest}  {dst.name}\n")
+    return dst
+
+
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a bad header
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(path, f"not a readable safetensors file, truncated or corrupted ({first_line})") from None
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
