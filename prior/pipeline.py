@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .checkpoint import Weights, WeightsError, read_checkpoint
 from .diffusion import SAMPLERS, ddim_sample, ddpm_sample, make_schedule
+from .graphs import GraphedDenoiser
 from .model import Condition, PriorNetwork
 from .text import TextEncoder, Tokenizer
 
@@ -59,7 +60,7 @@ class EmbedResult:
 class Prior:
     """A loaded prior. Build it with `load()`; call `embed()` as often as you like."""
 
-    def __init__(self, weights: Weights, device: torch.device, dtype: torch.dtype):
+    def __init__(self, weights: Weights, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True):
         self.device, self.dtype = device, dtype
         self.config, self.text_config = weights.prior_config, weights.text_config
         self.weights_path, self.weights_sha256 = weights.path, weights.sha256
@@ -71,6 +72,15 @@ class Prior:
         self.schedule_buffers = {k: v.float().to(device) for k, v in weights.schedule.items()}
         self.image_embed_scale = self.config.dim**0.5
         self.load_seconds = 0.0
+        # One step: eager on CPU; on a GPU a captured CUDA graph (launch overhead dominates there).
+        use_graphs = cuda_graphs and device.type == "cuda"
+        self._denoise_step = GraphedDenoiser(self.network) if use_graphs else self.network.denoise
+
+    def warmup(self, candidates: int = 2) -> None:
+        """Run tiny predictions so that kernels load and, on a GPU, the step graphs for
+        `candidates` rows with and without guidance are captured before the first request."""
+        for cond_scale in (1.0, 2.0):
+            self.embed("warmup", candidates=candidates, cond_scale=cond_scale, steps=2, seed=0)
 
     @torch.inference_mode()
     def embed(
@@ -146,7 +156,7 @@ class Prior:
             return net.encode_condition(states, text_embed, text_mask, keep).repeat_interleave(candidates)
 
         def run(cond: Condition, x, t):
-            return net.denoise(cond, x.to(dtype), t).float()
+            return self._denoise_step(cond, x.to(dtype), t).float()
 
         full = condition(mask, yes)
         if cond_scale == 1:  # 0.11.5 skips the unconditional pass entirely
@@ -173,9 +183,11 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     expected_sha256: str | None = None,
+    cuda_graphs: bool = True,
 ) -> Prior:
-    """Load a prior_ema_fp16.pth-format file. Defaults: cuda if present, else cpu; float16
-    on cuda (the original ran under fp16 autocast), float32 on cpu. Raises WeightsError."""
+    """Load a prior_ema_fp16.pth-format file or its converted .safetensors. Defaults: cuda
+    if present, else cpu; float16 on cuda (the original ran under fp16 autocast), float32
+    on cpu. `cuda_graphs` replays each step as a captured CUDA graph. Raises WeightsError."""
     started = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
@@ -184,7 +196,7 @@ def load(
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    prior = Prior(read_checkpoint(weights, expected_sha256), device, dtype)
+    prior = Prior(read_checkpoint(weights, expected_sha256), device, dtype, cuda_graphs)
     prior.load_seconds = time.perf_counter() - started
     return prior
 
