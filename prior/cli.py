@@ -78,7 +78,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image embeddings sampled per prompt; the one closest to the text is kept (1..32, default 2)")
     parser.add_argument("--cond-scale", type=_float_in(0, 5), default=1.0,
                         help="classifier-free guidance scale; 1 disables guidance (0..5, default 1)")
-    parser.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=64,
+    parser.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=None,
                         help="sampling steps; 1000 with --sampler ddpm is the original's exact sampler (1..1000, default 64)")
     parser.add_argument("--seed", type=_int_in(0, SEED_LIMIT - 1), default=None,
                         help=f"random seed (0..{SEED_LIMIT - 1}); drawn and reported when omitted")
@@ -176,6 +176,8 @@ def run_embed(args: argparse.Namespace) -> int:
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.steps is None:  # 64 (the DALL-E 2 paper's strided setting), or fewer for a short schedule
+        args.steps = min(64, model.config.num_timesteps)
     if args.steps > model.config.num_timesteps:
         limit = model.config.num_timesteps
         raise ArgumentError(f"argument --steps: must be at most {limit} for this checkpoint, got {args.steps}")
