@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -199,10 +200,13 @@ def ensure_current(path: Path = SCHEMA_PATH) -> bool:
     schema = build_schema()
     if is_current(path, schema):
         return False
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(render(schema))
-    staging.replace(path)  # a server starting meanwhile never reads half a file
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(handle, "w") as out:
+        out.write(render(schema))
+    os.replace(staging, path)  # a server starting meanwhile never reads half a file
     return True
 
 
