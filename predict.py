@@ -52,6 +52,7 @@ class Predictor(BasePredictor):
         """
         path = weights_path()
         self.model = prior.load(path)
+        self.model.warmup()  # load kernels (and on a GPU capture the step graphs) before the first request
         print(f"loaded {path} on {self.model.device} ({str(self.model.dtype).removeprefix('torch.')}) "
               f"in {self.model.load_seconds:.1f} s")
 

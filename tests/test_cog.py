@@ -194,3 +194,15 @@ def test_a_failed_write_leaves_nothing(monkeypatch):
     with pytest.raises(OSError, match="No space"):
         predict.write_arrays(_result())
     assert len(made) == 1 and not Path(made[0]).exists()
+
+
+def test_serve_rewrites_a_stale_schema_only(tmp_path):
+    """What `python -m prior serve` does first: write the schema when missing or stale, else nothing."""
+    path = tmp_path / ".cog" / "openapi_schema.json"
+    assert openapi.ensure_current(path) is True
+    assert openapi.is_current(path)
+    modified = path.stat().st_mtime_ns
+    assert openapi.ensure_current(path) is False
+    assert path.stat().st_mtime_ns == modified
+    path.write_text("{}")
+    assert openapi.ensure_current(path) is True and openapi.is_current(path)

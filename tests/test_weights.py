@@ -187,10 +187,20 @@ def test_verify(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'missing.pth'}: file not found\n"
 
 
-def test_convert_calls_the_checkpoint_converter(tmp_path, monkeypatch):
-    from prior import checkpoint
+def test_convert_writes_a_loadable_safetensors_copy(tiny_checkpoint, tmp_path, capsys):
+    import prior
 
-    calls = []
-    monkeypatch.setattr(checkpoint, "convert_to_safetensors", lambda src, dst: calls.append((src, dst)), raising=False)
-    assert weights.main(["convert", str(tmp_path / "a.pth")]) == 0
-    assert calls == [(tmp_path / "a.pth", tmp_path / "a.safetensors")]
+    converted = tmp_path / "tiny.safetensors"
+    assert weights.main(["convert", str(tiny_checkpoint), str(converted)]) == 0
+    assert capsys.readouterr().out == f"wrote {converted}\n"
+    original, copy = prior.load(tiny_checkpoint), prior.load(converted)
+    assert copy.config == original.config
+    a = original.embed("a cat", steps=3, seed=1).image_embedding
+    b = copy.embed("a cat", steps=3, seed=1).image_embedding
+    assert (a == b).all()
+
+
+def test_convert_of_a_bad_file_is_one_line(tmp_path, capsys):
+    assert weights.main(["convert", str(tmp_path / "missing.pth")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing.pth'}: file not found\n"
+    assert list(tmp_path.iterdir()) == []
