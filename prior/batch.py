@@ -284,6 +284,10 @@ class Embedder:
             "text_norm": text_norm,
         }
 
+    def embed_rows_at(self, first_row: int, prompts: list[str], settings: Settings) -> tuple[int, dict]:
+        """embed_rows, labelled with its first row (Ray hands results back in completion order)."""
+        return first_row, self.embed_rows(first_row, prompts, settings)
+
 
 # ---------------------------------------------------------------------------------------------
 # Running a job
@@ -298,41 +302,40 @@ class Job:
     shards: list[Shard]
     todo: list[Shard]  # the unfinished ones
 
-    def batches(self) -> Iterator[tuple[Shard, int, list[str]]]:
-        """(shard, first row, prompts) for every batch still to do; a batch never spans shards."""
+    def batches(self) -> Iterator[tuple[int, list[str]]]:
+        """(first row, prompts) for every batch still to do; a batch never spans shards."""
         for shard in self.todo:
             for start in range(shard.start, shard.stop, self.batch_size):
-                stop = min(start + self.batch_size, shard.stop)
-                yield shard, start, self.prompts.texts[start:stop]
+                yield start, self.prompts.texts[start : min(start + self.batch_size, shard.stop)]
 
     def rows_done(self) -> int:
         return sum(s.rows for s in self.shards) - sum(s.rows for s in self.todo)
 
 
 class ShardAssembler:
-    """Collects batch results in row order and writes each shard as soon as it is complete."""
+    """Collects batch results, in any order, and writes each shard once all its rows are in."""
 
     def __init__(self, job: Job, on_rows: Callable[[int], None]):
         self.job, self.on_rows = job, on_rows
-        self.parts: list[dict] = []
+        self.pending: dict[int, dict[int, dict]] = {}  # shard index -> first row of a batch -> its result
         self.written = 0
 
-    def add(self, shard: Shard, first_row: int, part: dict) -> None:
-        self.parts.append(part)
+    def add(self, first_row: int, part: dict) -> None:
+        shard = self.job.shards[first_row // self.job.settings.shard_size]
+        parts = self.pending.setdefault(shard.index, {})
+        parts[first_row] = part
         self.on_rows(len(part["seed"]))
-        if first_row + len(part["seed"]) == shard.stop:
-            self._write(shard)
+        if sum(len(p["seed"]) for p in parts.values()) == shard.rows:
+            del self.pending[shard.index]
+            self._write(shard, [parts[row] for row in sorted(parts)])
 
-    def _write(self, shard: Shard) -> None:
+    def _write(self, shard: Shard, parts: list[dict]) -> None:
         import numpy as np
 
-        parts, self.parts = self.parts, []
         columns = {key: np.concatenate([np.asarray(p[key]) for p in parts]) for key in parts[0]}
         columns["row"] = np.arange(shard.start, shard.stop)
         columns["source_row"] = self.job.prompts.source_rows[shard.start : shard.stop]
         columns["prompt"] = self.job.prompts.texts[shard.start : shard.stop]
-        if len(columns["seed"]) != shard.rows:
-            raise RuntimeError(f"shard {shard.index}: got {len(columns['seed'])} rows, expected {shard.rows}")
         write_shard(shard_paths(self.job.out, shard, len(self.job.shards)), columns, self.job.settings.emb_dtype)
         self.written += 1
 
@@ -352,9 +355,9 @@ class LocalWorker:
         self.weights_sha256 = self.embedder.model.weights_sha256 or sha256_of(args.weights)
         return description
 
-    def map(self, units: list[tuple[Shard, int, list[str]]], settings: Settings) -> Iterator[dict]:
-        for _, first_row, prompts in units:
-            yield self.embedder.embed_rows(first_row, prompts, settings)
+    def map(self, units: list[tuple[int, list[str]]], settings: Settings) -> Iterator[tuple[int, dict]]:
+        for first_row, prompts in units:
+            yield first_row, self.embedder.embed_rows(first_row, prompts, settings)
 
     def close(self) -> None:
         pass
@@ -416,12 +419,16 @@ class RayWorkers:
               file=sys.stderr)
         return described[0]
 
-    def map(self, units: list[tuple[Shard, int, list[str]]], settings: Settings) -> Iterator[dict]:
+    def map(self, units: list[tuple[int, list[str]]], settings: Settings) -> Iterator[tuple[int, dict]]:
         from ray.util import ActorPool
 
-        pool = ActorPool(self.actors)
-        # ordered results: the driver writes shards in row order, at most a shard or two held here
-        results = pool.map(lambda actor, unit: actor.embed_rows.remote(unit[1], unit[2], settings), units)
+        def submit(actor, unit):
+            first_row, prompts = unit
+            return actor.embed_rows_at.remote(first_row, prompts, settings)
+
+        # In completion order, so no worker waits for a slower one; units go out in row order,
+        # so only the shards being worked on are held here.
+        results = ActorPool(self.actors).map_unordered(submit, units)
         while True:
             try:
                 yield self._unwrap(lambda: next(results))
@@ -558,9 +565,8 @@ def run_batch(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         try:
             assembler = ShardAssembler(job, bar.update)
-            units = list(job.batches())
-            for (shard, first_row, _), part in zip(units, workers.map(units, settings), strict=True):
-                assembler.add(shard, first_row, part)
+            for first_row, part in workers.map(list(job.batches()), settings):
+                assembler.add(first_row, part)
         finally:
             bar.close()
     except WeightsError as e:
