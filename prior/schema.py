@@ -76,9 +76,9 @@ def _input_schema(inputs: dict) -> tuple[dict[str, Any], dict[str, Any]]:
             prop["title"] = name.replace("_", " ").title()
             prop.update(field.type.json_type())
         nullable = field.type.repetition in (_adt.Repetition.OPTIONAL, _adt.Repetition.OPTIONAL_REPEATED)
-        if field.default is not None:
+        if field.default is not None or nullable:  # Optional[T] = Input(default=None) gets "default": null, as in Go
             prop["default"] = field.default
-        elif not nullable:  # no default and not Optional: the caller must send it
+        else:  # no default and not Optional: the caller must send it
             required.append(name)
         if nullable:
             prop["nullable"] = True
@@ -190,9 +190,24 @@ def render(schema: dict[str, Any]) -> str:
 
 
 def is_current(path: Path = SCHEMA_PATH, schema: dict[str, Any] | None = None) -> bool:
-    """True when `path` holds exactly the schema the predictor describes now."""
+    """True when `path` describes the predictor as it is now.
+
+    Compared as JSON values, not text, and without info.version: `cog build` rewrites this
+    file with its own generator (compact, keys in another order, its CLI's version), which is
+    as current as ours when it describes the same inputs and outputs.
+    """
     schema = build_schema() if schema is None else schema
-    return path.is_file() and path.read_text() == render(schema)
+    try:
+        written = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return _without_version(written) == _without_version(schema)
+
+
+def _without_version(schema: Any) -> Any:
+    if not isinstance(schema, dict) or not isinstance(schema.get("info"), dict):
+        return schema
+    return {**schema, "info": {k: v for k, v in schema["info"].items() if k != "version"}}
 
 
 def ensure_current(path: Path = SCHEMA_PATH) -> bool:
