@@ -363,6 +363,15 @@ class LocalWorker:
         pass
 
 
+def cpu_threads_per_worker(node_cpus: list[int], workers: int) -> int:
+    """The most CPUs each of `workers` actors can have so that all of them fit on the nodes
+    (an actor lives on one node); 0 if they cannot all fit even with one CPU each."""
+    for threads in range(max(node_cpus, default=0), 0, -1):
+        if sum(cpus // threads for cpus in node_cpus) >= workers:
+            return threads
+    return 0
+
+
 class RayWorkers:
     """Ray actors, one model each (one per GPU, or CPU actors sharing the cores). The results
     come back to this process, which writes every file: the output does not depend on the
@@ -397,13 +406,19 @@ class RayWorkers:
         self.ray = ray
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        # More workers than the cluster can place would wait for resources forever.
         if gpus and args.device != "cpu":  # one model per GPU
             count, options, threads = args.workers or gpus, {"num_gpus": 1, "num_cpus": 1}, None
+            if count > gpus:
+                raise ArgumentError(f"argument --workers: at most one per GPU ({gpus} in the cluster), got {count}")
         elif args.device == "cuda":
             raise ArgumentError(f"argument --device: the Ray cluster at {args.ray!r} has no GPU, got 'cuda'")
         else:  # CPU workers share the cluster's cores
             count = args.workers or 1
-            threads = max(1, cpus // count)
+            node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+            threads = cpu_threads_per_worker(node_cpus, count)
+            if threads == 0:
+                raise ArgumentError(f"argument --workers: at most one per CPU ({cpus} in the cluster), got {count}")
             options = {"num_cpus": threads}
         remote = ray.remote(Embedder).options(**options)
         self.actors = [remote.remote() for _ in range(count)]

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import prior
-from prior.batch import read_prompts
+from prior.batch import cpu_threads_per_worker, read_prompts
 from prior.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,6 +226,12 @@ def test_ray_run_writes_the_same_files(ray_run, prompt_file, tiny_checkpoint, tm
     assert sorted(ray_files) == sorted(single_files)
     for name in single_files:
         assert ray_files[name] == single_files[name], name
+
+
+@pytest.mark.parametrize(("node_cpus", "workers", "threads"), [
+    ([2], 2, 1), ([2], 1, 2), ([8, 8], 1, 8), ([8, 8], 2, 8), ([8, 8], 3, 4), ([8, 4], 3, 4), ([2], 3, 0), ([], 1, 0)])
+def test_cpu_workers_fit_on_the_nodes(node_cpus, workers, threads):
+    assert cpu_threads_per_worker(node_cpus, workers) == threads
 
 
 # ---- errors: one line, the right exit code, nothing written ----------------------------------
