@@ -52,6 +52,8 @@ class Predictor(BasePredictor):
         """
         path = weights_path()
         self.model = prior.load(path)
+        self.output_root = FilePath(tempfile.mkdtemp(prefix="prior-outputs-"))
+        self.recent_outputs: list[FilePath] = []
         self.model.warmup()  # load kernels (and on a GPU capture the step graphs) before the first request
         print(f"loaded {path} on {self.model.device} ({str(self.model.dtype).removeprefix('torch.')}) "
               f"in {self.model.load_seconds:.1f} s")
@@ -84,9 +86,14 @@ class Predictor(BasePredictor):
             description="'ddpm' samples like the original; 'ddim' is deterministic for a given seed.",
         ),
     ) -> PriorOutput:
+        # cog reads a prediction's files after predict() returns, so they cannot be removed here;
+        # the one before last is certainly done with, and goes now (else /tmp fills up over time).
+        while len(self.recent_outputs) > 1:
+            shutil.rmtree(self.recent_outputs.pop(0), ignore_errors=True)
         result = self.model.embed(prompt, candidates=candidates, cond_scale=cond_scale, steps=steps, seed=seed,
                                   guidance=guidance, sampler=sampler)
-        folder = write_arrays(result)
+        folder = write_arrays(result, self.output_root)
+        self.recent_outputs.append(folder)
         return PriorOutput(
             text_tokens=Path(folder / "text_tokens.npy"),
             text_embedding=Path(folder / "text_embedding.npy"),
@@ -98,13 +105,13 @@ class Predictor(BasePredictor):
         )
 
 
-def write_arrays(result: prior.EmbedResult) -> FilePath:
-    """Save one prompt's arrays as .npy files in a new directory of their own.
+def write_arrays(result: prior.EmbedResult, parent: FilePath | None = None) -> FilePath:
+    """Save one prompt's arrays as .npy files in a new directory of their own under `parent`.
 
     A fresh directory per prediction: nothing is shared between predictions or cached by
     prompt. Should a save fail, the directory is removed, so no half-written set is left.
     """
-    folder = FilePath(tempfile.mkdtemp(prefix="prior-"))
+    folder = FilePath(tempfile.mkdtemp(prefix="prediction-", dir=parent))
     arrays = {
         "text_tokens": result.tokens[:1].astype(np.int64),
         "text_embedding": result.text_embedding[:1].astype(np.float32),

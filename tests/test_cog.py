@@ -214,3 +214,20 @@ def test_serve_rewrites_a_stale_schema_only(tmp_path):
     assert path.stat().st_mtime_ns == modified
     path.write_text("{}")
     assert openapi.ensure_current(path) is True and openapi.is_current(path)
+
+
+class _StubModel:
+    def embed(self, prompt, **settings):
+        return _result()
+
+
+def test_predict_keeps_only_the_last_two_output_directories(tmp_path):
+    predictor = predict.Predictor()
+    predictor.model, predictor.output_root, predictor.recent_outputs = _StubModel(), tmp_path, []
+    settings = {"candidates": 3, "cond_scale": 1.0, "steps": 4, "seed": 7, "guidance": "original", "sampler": "ddpm"}
+    outputs = [predictor.predict("a prompt", **settings) for _ in range(4)]
+    folders = [Path(o.image_embedding).parent for o in outputs]
+    assert len(set(folders)) == 4 and all(f.parent == tmp_path for f in folders)
+    assert [f.exists() for f in folders] == [False, False, True, True]
+    assert outputs[-1].seed == 7 and outputs[-1].chosen == 1 and len(outputs[-1].scores) == 3
+    np.testing.assert_array_equal(np.load(outputs[-1].candidates), _result().candidates[0])
