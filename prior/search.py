@@ -90,8 +90,9 @@ class ClipIndex:
         return found
 
 
-def open_index(folder: Path) -> ClipIndex:
-    """Open INDEX (a clip-retrieval index folder, or an .index file whose folder has metadata/)."""
+def open_index(folder: Path, mmap: bool = False) -> ClipIndex:
+    """Open INDEX (a clip-retrieval index folder, or an .index file whose folder has metadata/).
+    `mmap` maps the file instead of reading it, for indexes larger than memory."""
     folder = Path(folder)
     if not folder.exists():
         raise ArgumentError(f"argument --index: no such folder or file, got {str(folder)!r}")
@@ -102,7 +103,8 @@ def open_index(folder: Path) -> ClipIndex:
     import faiss
 
     try:
-        index = faiss.read_index(str(index_file))
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = faiss.read_index(str(index_file), flags)
     except RuntimeError as e:
         raise IndexFileError(f"{index_file}: not a readable FAISS index ({_faiss_message(e)})") from None
     files = _metadata_files(index_file.parent / "metadata")
@@ -171,6 +173,8 @@ def add_parser(commands) -> None:
                         help=f"a clip-retrieval index folder ({IMAGE_INDEX}, metadata/*.parquet), or an .index file")
     parser.add_argument("--k", type=_int_in(1, MAX_K), default=10, help=f"results to show (1..{MAX_K}, default 10)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--mmap", action="store_true",
+                        help="memory-map the index instead of reading it into RAM (for indexes larger than memory)")
     parser.add_argument("--text-too", action="store_true",
                         help="also query with CLIP's text embedding (plain text search), side by side")
     add_sampling_arguments(parser)
@@ -183,7 +187,7 @@ def run_search(args: argparse.Namespace) -> int:
     from .pipeline import load
 
     try:
-        index = open_index(args.index)  # before the model: a wrong path fails fast
+        index = open_index(args.index, mmap=args.mmap)  # before the model: a wrong path fails fast
         model = load(args.weights, device=args.device, dtype=args.dtype, expected_sha256=args.sha256)
     except (IndexFileError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)

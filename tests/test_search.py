@@ -97,12 +97,12 @@ def test_table_and_k_beyond_the_index(index_folder, tiny_checkpoint, capsys):
     assert f"#{IMAGE_ID} " in lines[3] and f"item {IMAGE_ID}" in lines[3]
 
 
-def test_an_index_file_without_metadata(vectors, tiny_checkpoint, tmp_path, capsys):
+def test_a_memory_mapped_index_file_without_metadata(vectors, tiny_checkpoint, tmp_path, capsys):
     index = faiss.IndexFlatIP(TINY.dim)
     index.add(vectors)
     faiss.write_index(index, str(tmp_path / "vectors.index"))
-    assert search(PROMPT, "--index", tmp_path / "vectors.index", "--k", "1", "--json", "--weights", tiny_checkpoint,
-                  "--steps", STEPS, "--seed", SEED) == 0
+    assert search(PROMPT, "--index", tmp_path / "vectors.index", "--mmap", "--k", "1", "--json",
+                  "--weights", tiny_checkpoint, "--steps", STEPS, "--seed", SEED) == 0
     hit, = json.loads(capsys.readouterr().out)["image_query"]
     assert (hit["id"], hit["metadata"]) == (IMAGE_ID, {})
 
