@@ -4,11 +4,29 @@
     model = prior.load("weights/prior_ema_fp16.pth")
     result = model.embed("a red cube on a table", candidates=2, steps=64, seed=0)
     result.image_embedding  # (1, 768) float32
+
+The names below are imported on first use, so `python -m prior ...` can check its
+arguments (and `python -m prior.weights` can download) without loading torch first.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .checkpoint import PRIOR_EMA_FP16_SHA256, WeightsError
-from .pipeline import DEFAULT_WEIGHTS, GUIDANCE, EmbedResult, Prior, load
+_EXPORTS = {
+    "load": "pipeline",
+    "Prior": "pipeline",
+    "EmbedResult": "pipeline",
+    "DEFAULT_WEIGHTS": "pipeline",
+    "GUIDANCE": "pipeline",
+    "WeightsError": "checkpoint",
+    "PRIOR_EMA_FP16_SHA256": "checkpoint",
+}
 
-__all__ = ["__version__", "DEFAULT_WEIGHTS", "GUIDANCE", "PRIOR_EMA_FP16_SHA256", "EmbedResult", "Prior", "WeightsError", "load"]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

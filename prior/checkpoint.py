@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,15 +168,21 @@ def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
-        try:  # memory-mapped: the visual tower we drop is never read from disk
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on old-format files; the error below says it all
+            warnings.simplefilter("ignore")
+            try:  # memory-mapped: the visual tower we drop is never read from disk
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(path, f"refused: holds more than plain tensors ({first_line})") from None
+        # torch's message is long; the useful part is the line naming what was refused
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported operand" in line), lines[0] if lines else "")
+        if "GLOBAL" in detail:  # a pickled callable: code that weights_only refused to run
+            raise WeightsError(path, f"refused: the file holds pickled code, not only tensors ({detail})") from None
+        raise WeightsError(path, f"not a PyTorch checkpoint, or truncated or corrupted ({detail})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(path, f"not a readable PyTorch checkpoint, truncated or corrupted ({first_line})") from None
@@ -198,8 +205,10 @@ def _need(path: Path, state: dict, key: str, shape: tuple[int, ...] | None = Non
 def _split_prior(path: Path, state: dict) -> tuple[PriorConfig, dict[str, torch.Tensor]]:
     net = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
     layers = sorted({int(m.group(1)) for k in net if (m := _LAYER_RE.fullmatch(k))})
-    if not layers or layers != list(range(len(layers))):
-        raise WeightsError(path, f"prior layers are not numbered 0..n-1 (found {layers[:5]}...)")
+    if not layers:
+        raise WeightsError(path, "no prior transformer layers ('net.causal_transformer.layers.*' tensors)")
+    if layers != list(range(len(layers))):
+        raise WeightsError(path, f"prior layers are not numbered 0..{len(layers) - 1} (found {layers[:8]})")
     dim = _need(path, net, "learned_query").shape[0]
     dim_head = _need(path, net, "causal_transformer.layers.0.0.null_kv").shape[1]
     q_rows = _need(path, net, "causal_transformer.layers.0.0.to_q.weight").shape[0]
