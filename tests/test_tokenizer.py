@@ -1,0 +1,164 @@
+"""Our tokenizer against the original's: `clip.tokenize(prompt, truncate=True)` (clip-anytorch).
+
+The original predictor tokenized with OpenAI's `clip` package; we tokenize with open-clip.
+Both are the same BPE, but they differ in details that only awkward text reaches, so the
+corpus below is built to reach them: Unicode of every kind, "!" runs (token id 0, masked
+like padding by 0.11.5), odd whitespace, HTML entities, mojibake, the special-token names of
+both libraries, and prompts far over 77 tokens. Part of it is generated from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import random
+
+import clip
+import pytest
+import torch
+
+from prior.text import Tokenizer
+
+HANDWRITTEN = [
+    # plain, case, numbers, punctuation
+    "a cat", "A CAT", "a CaT iN a HaT", "an astronaut riding a horse, oil on canvas, 4k, trending on artstation",
+    "3.14159 26535 89793", "1,000,000 dollars", "2024-01-31T23:59:59Z", "0", "007", "1/2 + 3/4 = 5/4",
+    "...", "?!?!", "¿¡what!?", "a--b---c", "(((nested)))", "[brackets] {braces} <angles>", "semi;colon:colon",
+    "'quotes' \"double\" `back`", "it's they're we've I'm you'll he'd", "IT'S THEY'RE", "don't won't can't",
+    "#hashtag @mention $100 %50 ^caret &amp *star", "~tilde_underscore|pipe\\backslash/slash",
+    # "!" runs: "!" inside an unmerged punctuation run is token id 0
+    "5!$ wow !%", "!", "!!", "!!!", "!!!!!!!!!!!!!!!!!!!!", "wow!!!", "!wow", "a!b!c", "!?!?!", "!" * 200,
+    "hello! world!", "$!$!$!", "!.!.!", "yes!!! no!!! maybe!!!",
+    # whitespace of every kind
+    "  leading and trailing  ", "tab\tseparated\twords", "new\nline", "carriage\r\nreturn", "nbsp\u00a0space",
+    "em\u2003space and thin\u2009space", "zero\u200bwidth\u200bspace", "\u200b", "ideographic\u3000space",
+    "vertical\x0btab\x0cformfeed", "many      spaces      between", "\t\n mixed \u00a0\u2003 whitespace \n\t",
+    # accents, combining marks, normalisation
+    "café", "cafe\u0301", "naïve façade", "Ångström", "ﬁligree ﬂower", "Ｆｕｌｌｗｉｄｔｈ ｔｅｘｔ", "ℌ𝔢𝔩𝔩𝔬 𝕨𝕠𝕣𝕝𝕕",
+    "Z\u0351\u0352a\u0353l\u0354g\u0355o\u0356", "e\u0301\u0302\u0303\u0304\u0305", "straße", "ǅungla", "İstanbul ı",
+    # scripts
+    "一只猫坐在垫子上", "東京の夜景、ネオン、雨", "고양이가 매트 위에 앉아 있다", "Кошка сидит на коврике", "Η γάτα κάθεται",
+    "القطة تجلس على السجادة", "החתול יושב על השטיח", "mixed English עברית and العربية", "\u202eright-to-left override",
+    "बिल्ली चटाई पर बैठी है", "แมวนั่งบนเสื่อ", "ქართული", "ᚠᚢᚦᚨᚱᚲ", "𓀀𓀁𓀂 hieroglyphs", "Ꭰ Ꭱ Ꭲ cherokee",
+    # emoji, ZWJ sequences, flags, skin tones, variation selectors
+    "🐱", "a cat 🐱 on a mat", "👨‍👩‍👧‍👦 family", "🏳️‍🌈 flag", "👍🏽👍🏿", "🇫🇷🇯🇵🇺🇸", "❤️ heart", "☕\ufe0e text style",
+    "🧑‍🚀 astronaut", "🐈‍⬛ black cat", "1️⃣ keycap", "🤷‍♀️🤷‍♂️", "🔥" * 50,
+    # HTML entities and mojibake (ftfy and html.unescape both run)
+    "&amp;", "cats &amp; dogs", "&lt;b&gt;bold&lt;/b&gt;", "&amp;amp;lt;", "&#39;quoted&#39;", "&#x1F431;", "&nbsp;a",
+    "&copy; 2024", "&notanentity;", "cafÃ©", "â€œsmart quotesâ€\x9d", "<b>raw html</b>", "<img src=x onerror=alert(1)>",
+    # the special-token names of both libraries, typed by a user
+    "<|endoftext|>", "<|startoftext|>", "a <|endoftext|> b", "<|endoftext|><|endoftext|>", "<end_of_text>",
+    "<start_of_text>", "x <start_of_text> y <end_of_text> z", "<|ENDOFTEXT|>", "<|endoftext", "endoftext|>",
+    # URLs, paths, code
+    "https://example.com/path?query=1&b=2#frag", "http://xn--n3h.com", "www.laion.ai", "file:///etc/passwd",
+    "C:\\Users\\me\\Desktop", "user@example.com", "def f(x): return x**2", "SELECT * FROM t;", "{\"json\": [1, 2]}",
+    # control characters and oddities
+    "bell\x07char", "null\x00byte", "escape\x1b[31mred", "del\x7f", "\ufeffbom first", "surrogate-free 𝌆", "\ufffd",
+    "soft\u00adhyphen", "word\u2060joiner", "a\u034fb combining grapheme joiner",
+    # truncation boundaries: "a" is one token, 75 of them fit exactly between start and end
+    " ".join(["a"] * 74), " ".join(["a"] * 75), " ".join(["a"] * 76), " ".join(["a"] * 77), " ".join(["cat"] * 300),
+    "antidisestablishmentarianism " * 40, "x" * 1000, "🐱" * 100, "一" * 200, "5!$ " * 60,
+    "a photo of " + ", ".join(f"item {i}" for i in range(60)),
+]
+
+# Fragments the generator joins; each reaches a different tokenizer path.
+FRAGMENTS = [
+    "cat", "Dog", "HOUSE", "rainbow", "a", "the", "of", "photo", "4k", "1999", "3.5", "42", "x2", "ok",
+    "!", "!!", "5!$", "!%", "?", "...", ",", ";", "-", "--", "'s", "n't", "\"", "(", ")", "#", "@", "&", "%", "/",
+    "&amp;", "&lt;", "&#39;", "&nbsp;", "é", "e\u0301", "ß", "ﬁ", "Ω", "ж", "λ", "中", "猫", "の", "한", "ع", "ש", "क",
+    "🐱", "🔥", "👍🏽", "👨‍👩‍👧", "🏳️‍🌈", "🇯🇵", "❤️", "\u200b", "\u00a0", "\t", "\n", "\u3000", "\u0301", "\u202e",
+    "https://a.b/c", "<|endoftext|>", "<end_of_text>", "\ufeff", "\x00", "ǅ", "İ", "𝕏",
+]
+SEPARATORS = ["", " ", " ", " ", "  ", "\t", "\n", "\u00a0", ", ", "!", "-"]
+
+
+def generated_prompts(count: int, seed: int = 20240) -> list[str]:
+    """`count` prompts from FRAGMENTS, lengths from 1 fragment to far over 77 tokens."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(count):
+        n = rng.choice([1, 2, 3, 5, 8, 13, 21, 40, 70, 120]) if i % 5 else rng.randint(60, 200)
+        parts = [rng.choice(FRAGMENTS) for _ in range(n)]
+        prompts.append("".join(part + rng.choice(SEPARATORS) for part in parts))
+    return prompts
+
+
+CORPUS = HANDWRITTEN + generated_prompts(250)
+
+
+def original_tokens(prompts: list[str]) -> torch.Tensor:
+    return clip.tokenize(prompts, truncate=True)
+
+
+def original_would_truncate(prompt: str) -> bool:
+    """True when clip.tokenize without truncate=True refuses the prompt as too long."""
+    try:
+        clip.tokenize(prompt, truncate=False)
+    except RuntimeError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def ours() -> tuple[torch.Tensor, list[bool]]:
+    return Tokenizer()(CORPUS)
+
+
+def test_corpus_is_large_and_reaches_truncation():
+    assert len(CORPUS) >= 200
+    assert len(set(CORPUS)) >= 200
+    flags = [original_would_truncate(p) for p in CORPUS]
+    assert sum(flags) >= 20, "the corpus should hold many over-long prompts"
+    assert len(flags) - sum(flags) >= 100
+    assert (original_tokens(CORPUS) == 0).any(dim=1).sum() >= 20, "the corpus should hold many '!' (id 0) tokens"
+
+
+def test_tokens_shape_and_dtype(ours):
+    tokens, truncated = ours
+    assert tokens.shape == (len(CORPUS), 77)
+    assert tokens.dtype == torch.int64
+    assert isinstance(truncated, list) and len(truncated) == len(CORPUS)
+    assert all(isinstance(flag, bool) for flag in truncated)
+
+
+def test_tokens_equal_clip_tokenize(ours):
+    tokens, _ = ours
+    expected = original_tokens(CORPUS)
+    differing = [(p, tokens[i, :12].tolist(), expected[i, :12].tolist())
+                 for i, p in enumerate(CORPUS) if not torch.equal(tokens[i], expected[i])]
+    assert not differing, f"{len(differing)} of {len(CORPUS)} prompts tokenize differently, e.g. {differing[:5]}"
+
+
+def test_truncated_flag_says_whether_clip_tokenize_would_refuse(ours):
+    _, truncated = ours
+    differing = [p[:60] for p, flag in zip(CORPUS, truncated, strict=True) if flag != original_would_truncate(p)]
+    assert not differing, f"truncated flag wrong for {len(differing)} prompts, e.g. {differing[:5]}"
+
+
+@pytest.mark.parametrize(("words", "cut"), [(74, False), (75, False), (76, True), (300, True)])
+def test_truncation_boundary_keeps_end_token(words, cut):
+    prompt = " ".join(["a"] * words)
+    tokens, truncated = Tokenizer()([prompt])
+    assert truncated == [cut]
+    end = 49407
+    length = min(words + 2, 77)
+    assert tokens[0, length - 1].item() == end
+    assert (tokens[0, length:] == 0).all()
+    assert torch.equal(tokens, original_tokens([prompt]))
+
+
+def test_batch_equals_one_by_one():
+    tokenizer = Tokenizer()
+    sample = CORPUS[::17]
+    batch, flags = tokenizer(sample)
+    for i, prompt in enumerate(sample):
+        one, flag = tokenizer([prompt])
+        assert torch.equal(one[0], batch[i])
+        assert flag == [flags[i]]
+
+
+@pytest.mark.parametrize("prompt", ["<|endoftext|>", "a <|startoftext|> b", "<|ENDOFTEXT|>", "<end_of_text>",
+                                    "x <start_of_text> y"])
+def test_special_token_names_are_read_as_clip_reads_them(prompt):
+    """clip reads the text '<|endoftext|>' (any case) as the end token and '<end_of_text>' as
+    plain punctuation and letters; open-clip's own names are the other way round."""
+    tokens, _ = Tokenizer()([prompt])
+    assert tokens[0].tolist() == original_tokens([prompt])[0].tolist()
