@@ -1,0 +1,196 @@
+"""`python -m prior embed` from outside, as a user runs it (subprocess).
+
+Bad arguments: exit 2, one line on stderr naming the argument, its bound and the value,
+nothing written. Success: the five output files with the contracted dtypes and shapes, a
+complete result.json, the same numbers as the Python API, and no staging directory left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import prior
+
+OUTPUT_FILES = {"text_tokens.npy", "text_embedding.npy", "image_embedding.npy", "candidates.npy", "result.json"}
+RESULT_KEYS = {"seed", "steps", "cond_scale", "guidance", "candidates", "scores", "chosen", "truncated", "weights",
+               "weights_sha256", "load_seconds", "sample_seconds", "versions"}
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread, as fast and steady on a busy machine
+    return subprocess.run([sys.executable, "-m", "prior", *args], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=cwd)
+
+
+# (id, arguments replacing the defaults, words the one stderr line must hold: argument, bound, value)
+BAD_ARGUMENTS = [
+    ("empty_prompt", {"prompt": ""}, ("PROMPT", "non-empty", "''")),
+    ("whitespace_prompt", {"prompt": " \t\n "}, ("PROMPT", "non-empty", repr(" \t\n "))),
+    ("candidates_0", {"--candidates": "0"}, ("--candidates", "1..32", "0")),
+    ("candidates_33", {"--candidates": "33"}, ("--candidates", "1..32", "33")),
+    ("candidates_two", {"--candidates": "two"}, ("--candidates", "1..32", "two")),
+    ("candidates_1.5", {"--candidates": "1.5"}, ("--candidates", "1..32", "1.5")),
+    ("cond_scale_-1", {"--cond-scale": "-1"}, ("--cond-scale", "0..5", "-1")),
+    ("cond_scale_6", {"--cond-scale": "6"}, ("--cond-scale", "0..5", "6")),
+    ("cond_scale_nan", {"--cond-scale": "nan"}, ("--cond-scale", "0..5", "nan")),
+    ("cond_scale_inf", {"--cond-scale": "inf"}, ("--cond-scale", "0..5", "inf")),
+    ("cond_scale_word", {"--cond-scale": "high"}, ("--cond-scale", "0..5", "high")),
+    ("steps_0", {"--steps": "0"}, ("--steps", "1..1000", "0")),
+    ("steps_1001", {"--steps": "1001"}, ("--steps", "1..1000", "1001")),
+    ("seed_-1", {"--seed": "-1"}, ("--seed", "0..4294967295", "-1")),
+    ("seed_2**32", {"--seed": str(2**32)}, ("--seed", "0..4294967295", str(2**32))),
+    ("seed_x", {"--seed": "x"}, ("--seed", "0..4294967295", "x")),
+    ("guidance", {"--guidance": "best"}, ("--guidance", "original", "standard", "best")),
+    ("sampler", {"--sampler": "euler"}, ("--sampler", "ddpm", "ddim", "euler")),
+    ("dtype", {"--dtype": "float64"}, ("--dtype", "float32", "bfloat16", "float64")),
+    ("device", {"--device": "tpu"}, ("--device", "cpu", "cuda", "tpu")),
+    ("sha256_short", {"--sha256": "abc"}, ("--sha256", "64", "abc")),
+]
+
+
+@pytest.mark.parametrize(("changes", "words"), [case[1:] for case in BAD_ARGUMENTS], ids=[c[0] for c in BAD_ARGUMENTS])
+def test_bad_argument_gives_exit_2_and_one_line(tmp_path, tiny_checkpoint, changes, words):
+    arguments = {"prompt": "a cat", "--weights": str(tiny_checkpoint), "--steps": "2", "--out": str(tmp_path / "out")}
+    arguments.update(changes)
+    command = ["embed", arguments.pop("prompt")]
+    for name, value in arguments.items():
+        command += [name, value]  # "--seed -1" style: argparse takes a negative number as a value
+    done = run_cli(*command, cwd=tmp_path)
+
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got {done.stderr!r}"
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    assert done.stdout == ""
+    assert list(tmp_path.iterdir()) == [], "something was written"
+
+
+def test_out_pointing_at_an_existing_file_gives_exit_2(tmp_path, tiny_checkpoint):
+    target = tmp_path / "taken"
+    target.write_text("keep me\n")
+    done = run_cli("embed", "a cat", "--weights", str(tiny_checkpoint), "--steps", "2", "--out", str(target), cwd=tmp_path)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2
+    assert len(lines) == 1 and "--out" in lines[0] and str(target) in lines[0], done.stderr
+    assert target.read_text() == "keep me\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+@pytest.mark.parametrize("missing", ["prompt", "--out"])
+def test_missing_required_argument_gives_exit_2(tmp_path, tiny_checkpoint, missing):
+    command = ["embed", "--weights", str(tiny_checkpoint)]
+    if missing != "prompt":
+        command.insert(1, "a cat")
+    else:
+        command += ["--out", str(tmp_path / "out")]
+    done = run_cli(*command, cwd=tmp_path)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2
+    assert len(lines) == 1 and missing.upper().lstrip("-") in lines[0].upper(), done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- success ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sha256(tiny_checkpoint) -> str:
+    return hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def success(tmp_path_factory, tiny_checkpoint, tiny_sha256):
+    """One successful run: 3 candidates, guided, a fixed seed, the file's SHA-256 given."""
+    folder = tmp_path_factory.mktemp("success")
+    out = folder / "nested" / "out"
+    done = run_cli("embed", "a red cube on a table", "--weights", str(tiny_checkpoint), "--candidates", "3",
+                   "--cond-scale", "2", "--steps", "10", "--seed", "7", "--sha256", tiny_sha256.upper(),
+                   "--device", "cpu", "--dtype", "float32", "--quiet", "--out", str(out), cwd=folder)
+    assert done.returncode == 0, done.stderr
+    return out, done
+
+
+def test_success_writes_the_five_files_with_their_dtypes_and_shapes(success, tiny_checkpoint):
+    out, done = success
+    dim = 64  # tests.oracle.TINY.dim
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+    expected = {"text_tokens.npy": ((1, 77), np.int64), "text_embedding.npy": ((1, dim), np.float32),
+                "image_embedding.npy": ((1, dim), np.float32), "candidates.npy": ((3, dim), np.float32)}
+    for name, (shape, dtype) in expected.items():
+        array = np.load(out / name)
+        assert array.shape == shape and array.dtype == dtype, name
+        assert np.isfinite(array).all(), name
+    assert str(out) in done.stdout
+
+
+def test_success_result_json(success, tiny_checkpoint, tiny_sha256):
+    out, _ = success
+    record = json.loads((out / "result.json").read_text())
+    assert RESULT_KEYS <= set(record), f"missing keys {RESULT_KEYS - set(record)}"
+    assert (record["seed"], record["steps"], record["cond_scale"]) == (7, 10, 2.0)
+    assert (record["guidance"], record["candidates"], record["truncated"]) == ("original", 3, False)
+    assert record["weights"] == str(tiny_checkpoint)
+    assert record["weights_sha256"] == tiny_sha256
+    assert len(record["scores"]) == 3 and record["chosen"] == int(np.argmax(record["scores"]))
+    assert record["load_seconds"] >= 0 and record["sample_seconds"] >= 0
+    assert isinstance(record["versions"], dict) and {"torch", "python"} <= set(record["versions"])
+    assert all(isinstance(v, str) and v for v in record["versions"].values())
+
+
+def test_success_files_agree_with_each_other_and_the_api(success, tiny_checkpoint):
+    out, _ = success
+    record = json.loads((out / "result.json").read_text())
+    image, candidates = np.load(out / "image_embedding.npy"), np.load(out / "candidates.npy")
+    text = np.load(out / "text_embedding.npy")
+    assert np.array_equal(image[0], candidates[record["chosen"]])
+    cosines = candidates @ text[0] / np.linalg.norm(candidates, axis=1) / np.linalg.norm(text[0])
+    np.testing.assert_allclose(record["scores"], cosines, rtol=0, atol=1e-5)
+
+    api = prior.load(tiny_checkpoint, device="cpu", dtype="float32").embed(
+        "a red cube on a table", candidates=3, cond_scale=2.0, steps=10, seed=7)
+    assert np.array_equal(np.load(out / "text_tokens.npy"), api.tokens)
+    np.testing.assert_allclose(text, api.text_embedding, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(candidates, api.candidates[0], rtol=1e-5, atol=1e-6)
+    assert record["chosen"] == int(api.chosen[0])
+
+
+def test_existing_out_dir_gets_the_files_and_no_staging_is_left(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    long_prompt = "a cat " * 80
+    first = run_cli("embed", long_prompt, "--weights", str(tiny_checkpoint), "--steps", "3", "--seed", "1",
+                    "--out", str(out), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES | {"notes.txt"}
+    assert (out / "notes.txt").read_text() == "mine\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "a staging directory was left behind"
+    record = json.loads((out / "result.json").read_text())
+    assert record["truncated"] is True and "truncated" in first.stdout
+    assert "sampling" in first.stderr, "no progress bar without --quiet"
+
+    # a second run replaces the files in place
+    image = np.load(out / "image_embedding.npy")
+    second = run_cli("embed", "a dog", "--weights", str(tiny_checkpoint), "--steps", "3", "--seed", "2", "--quiet",
+                     "--out", str(out), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert json.loads((out / "result.json").read_text())["seed"] == 2
+    assert not np.array_equal(np.load(out / "image_embedding.npy"), image)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_unknown_sha256_is_reported_as_null_or_the_true_hash(tmp_path, tiny_checkpoint, tiny_sha256):
+    out = tmp_path / "out"
+    done = run_cli("embed", "a cat", "--weights", str(tiny_checkpoint), "--steps", "2", "--seed", "0", "--quiet",
+                   "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "result.json").read_text())["weights_sha256"] in (None, tiny_sha256)
