@@ -11,6 +11,7 @@ tiny shape, cond_scale 1 and 3.5, and candidates 1, 2 and 5 each appear, not eve
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -49,6 +50,16 @@ def assert_close_relative(actual, expected, tol: float = 1e-4) -> None:
     error = np.abs(actual - expected).max()
     assert scale > 0
     assert error <= tol * scale, f"max |diff| {error:.3g} > {tol} * max |expected| {scale:.3g}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are all per-op overhead: one thread is as fast, and far faster when the
+    machine is busy (two threads spinning at every barrier on two shared cores crawl)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +147,8 @@ def test_cli_matches_oracle(tmp_path, tiny_checkpoints, oracles, oracle_embeddin
     command = [sys.executable, "-m", "prior", "embed", prompt, "--weights", str(tiny_checkpoints[name]),
                "--candidates", str(candidates), "--cond-scale", str(cond_scale), "--steps", "1000",
                "--seed", str(seed), "--device", "cpu", "--dtype", "float32", "--quiet", "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
 
     tokens = clip.tokenize([prompt], truncate=True)
