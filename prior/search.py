@@ -183,13 +183,17 @@ def add_parser(commands) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     check_device(args.device)
+    try:
+        index = open_index(args.index, mmap=args.mmap)  # before torch is even imported: a wrong path fails fast
+    except IndexFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     from .checkpoint import WeightsError
     from .pipeline import load
 
     try:
-        index = open_index(args.index, mmap=args.mmap)  # before the model: a wrong path fails fast
         model = load(args.weights, device=args.device, dtype=args.dtype, expected_sha256=args.sha256)
-    except (IndexFileError, WeightsError) as e:
+    except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.steps > model.config.num_timesteps:

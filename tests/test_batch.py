@@ -18,6 +18,7 @@ import pytest
 
 import prior
 from prior.batch import cpu_threads_per_worker, read_prompts
+from prior.checkpoint import sha256_of
 from prior.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,4 +309,4 @@ def test_manifest_records_the_run(reference, tiny_checkpoint):
     record = json.loads((reference / "batch.json").read_text())
     assert {k: record[k] for k in ("rows", "seed", "steps", "candidates", "shard_size", "emb_dtype", "dim")} == {
         "rows": 7, "seed": 7, "steps": 4, "candidates": 2, "shard_size": 3, "emb_dtype": "float32", "dim": 64}
-    assert record["weights_sha256"] == prior.checkpoint.sha256_of(tiny_checkpoint)
+    assert record["weights_sha256"] == sha256_of(tiny_checkpoint)
