@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .cli import SEED_LIMIT, ArgumentError, _int_in, add_sampling_arguments, check_device, check_output_dir
+from .cli import SEED_LIMIT, ArgumentError, add_sampling_arguments, check_device, check_output_dir, int_in
 
 MANIFEST = "batch.json"
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
@@ -516,16 +516,16 @@ def add_parser(commands) -> None:
                         help="output directory: img_emb/, text_emb/, metadata/, batch.json; rerun to resume")
     parser.add_argument("--column", default=None,
                         help=f"the prompt column of a .parquet / .csv INPUT (default: {DEFAULT_TABLE_COLUMN!r})")
-    parser.add_argument("--batch-size", type=_int_in(1, 65536), default=64,
+    parser.add_argument("--batch-size", type=int_in(1, 65536), default=64,
                         help="prompts per forward pass (1..65536, default 64); does not change the results")
-    parser.add_argument("--shard-size", type=_int_in(1, 100_000_000), default=100_000,
+    parser.add_argument("--shard-size", type=int_in(1, 100_000_000), default=100_000,
                         help="rows per output file, and the unit of resumption (default 100000)")
     parser.add_argument("--emb-dtype", choices=("float32", "float16"), default="float32",
                         help="dtype of the .npy files (default float32; float16 halves them, as clip-retrieval)")
     parser.add_argument("--ray", metavar="auto|local|ADDRESS", default=None,
                         help="run on Ray: 'auto' joins the running cluster (RAY_ADDRESS, or `ray start` here) or "
                              "starts one; 'local' starts one here; else a cluster address such as ray://head:10001")
-    parser.add_argument("--workers", type=_int_in(1, 100_000), default=None,
+    parser.add_argument("--workers", type=int_in(1, 100_000), default=None,
                         help="Ray workers, one model each (default: one per GPU in the cluster; 1 without GPUs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_batch)

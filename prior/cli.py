@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _int_in(low: int, high: int):
+def int_in(low: int, high: int):
     def parse(text: str) -> int:
         try:
             value = int(text, 10)
@@ -44,7 +44,7 @@ def _int_in(low: int, high: int):
     return parse
 
 
-def _float_in(low: float, high: float):
+def float_in(low: float, high: float):
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -57,7 +57,7 @@ def _float_in(low: float, high: float):
     return parse
 
 
-def _prompt(text: str) -> str:
+def prompt_text(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError(f"must be non-empty text (not only whitespace), got {text!r}")
     return text
@@ -74,13 +74,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
                         help="prior_ema_fp16.pth-format file, or its converted .safetensors (default: %(default)s)")
     parser.add_argument("--sha256", type=_sha256, default=None, help="refuse the weights unless their SHA-256 is this")
-    parser.add_argument("--candidates", type=_int_in(1, 32), default=2,
+    parser.add_argument("--candidates", type=int_in(1, 32), default=2,
                         help="image embeddings sampled per prompt; the one closest to the text is kept (1..32, default 2)")
-    parser.add_argument("--cond-scale", type=_float_in(0, 5), default=1.0,
+    parser.add_argument("--cond-scale", type=float_in(0, 5), default=1.0,
                         help="classifier-free guidance scale; 1 disables guidance (0..5, default 1)")
-    parser.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=None,
+    parser.add_argument("--steps", type=int_in(1, MAX_STEPS), default=None,
                         help="sampling steps; 1000 with --sampler ddpm is the original's exact sampler (1..1000, default 64)")
-    parser.add_argument("--seed", type=_int_in(0, SEED_LIMIT - 1), default=None,
+    parser.add_argument("--seed", type=int_in(0, SEED_LIMIT - 1), default=None,
                         help=f"random seed (0..{SEED_LIMIT - 1}); drawn and reported when omitted")
     parser.add_argument("--guidance", choices=("original", "standard"), default="original",
                         help="'original' reproduces dalle2-pytorch 0.11.5 exactly, its text-mask quirk included; "
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     embed = commands.add_parser("embed", help="embed one prompt and write .npy files and result.json")
-    embed.add_argument("prompt", metavar="PROMPT", type=_prompt, help="the text to turn into an image embedding")
+    embed.add_argument("prompt", metavar="PROMPT", type=prompt_text, help="the text to turn into an image embedding")
     add_sampling_arguments(embed)
     embed.add_argument("--out", type=Path, required=True, help="directory for the outputs (written only on success)")
     embed.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run cog's HTTP server for predict.py, without Docker")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    serve.add_argument("--port", type=_int_in(1, 65535), default=5000, help="port (default: %(default)s)")
+    serve.add_argument("--port", type=int_in(1, 65535), default=5000, help="port (default: %(default)s)")
     serve.add_argument("--weights", type=Path, default=None, help="weights file (default: weights/prior_ema_fp16.pth)")
     serve.set_defaults(run=run_serve)
 

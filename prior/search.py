@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import ArgumentError, _int_in, _prompt, add_sampling_arguments, check_device
+from .cli import ArgumentError, add_sampling_arguments, check_device, int_in, prompt_text
 
 IMAGE_INDEX = "image.index"  # clip-retrieval's name for the image side
 LABEL_COLUMNS = ("caption", "prompt", "text", "TEXT", "url", "URL", "image_path")  # shown in the table
@@ -168,10 +168,10 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "search", help="find the nearest images in a clip-retrieval / autofaiss index, queried with the prior",
         description="Query a FAISS index of CLIP image embeddings with the prior's image embedding of PROMPT.")
-    parser.add_argument("prompt", metavar="PROMPT", type=_prompt, help="the text to look up")
+    parser.add_argument("prompt", metavar="PROMPT", type=prompt_text, help="the text to look up")
     parser.add_argument("--index", type=Path, required=True,
                         help=f"a clip-retrieval index folder ({IMAGE_INDEX}, metadata/*.parquet), or an .index file")
-    parser.add_argument("--k", type=_int_in(1, MAX_K), default=10, help=f"results to show (1..{MAX_K}, default 10)")
+    parser.add_argument("--k", type=int_in(1, MAX_K), default=10, help=f"results to show (1..{MAX_K}, default 10)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--mmap", action="store_true",
                         help="memory-map the index instead of reading it into RAM (for indexes larger than memory)")
