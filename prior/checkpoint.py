@@ -120,6 +120,8 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Wei
         sha256 = sha256_of(path)
         if sha256 != expected_sha256.lower():
             raise WeightsError(path, f"SHA-256 is {sha256}, expected {expected_sha256.lower()} (corrupted or a different file)")
+    if path.suffix != ".safetensors" and expected_sha256 is None:
+        _check_zip_checksums(path)
     state = _safetensors_load(path) if path.suffix == ".safetensors" else _torch_load(path)
     prior_config, prior_state = _split_prior(path, state)
     text_config, text_state = _split_text(path, state, prior_config.dim)
@@ -166,6 +168,18 @@ def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(path, f"not a readable safetensors file, truncated or corrupted ({first_line})") from None
 
 
+def _check_zip_checksums(path: Path) -> None:
+    """torch.load does not verify the CRC-32 that torch.save stores for every record, so
+    bytes flipped inside a tensor would load as wrong numbers. About 1 s for 1.35 GB."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return  # not a zip (legacy format, or truncated): _torch_load says what it is
+    if bad is not None:
+        raise WeightsError(path, f"corrupted: record {bad!r} fails its CRC-32 checksum")
+
+
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():  # torch warns on old-format files; the error below says it all
@@ -183,7 +197,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         if "GLOBAL" in detail:  # a pickled callable: code that weights_only refused to run
             raise WeightsError(path, f"refused: the file holds pickled code, not only tensors ({detail})") from None
         raise WeightsError(path, f"not a PyTorch checkpoint, or truncated or corrupted ({detail})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, TypeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(path, f"not a readable PyTorch checkpoint, truncated or corrupted ({first_line})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -242,9 +256,21 @@ def _split_prior(path: Path, state: dict) -> tuple[PriorConfig, dict[str, torch.
         ours[name] = tensor
     missing = sorted(set(expected) - set(ours) - {"rotary_freqs"})
     if missing:
-        raise WeightsError(path, f"missing prior tensors for {', '.join(missing[:4])}")
+        names = ", ".join(repr(f"net.{_file_key(name)}") for name in missing[:3])
+        raise WeightsError(path, f"missing tensor {names}{' and more' if len(missing) > 3 else ''} "
+                                 "(not a dalle2-pytorch 0.11.5 prior layout)")
     ours["rotary_freqs"] = freqs
     return cfg, ours
+
+
+def _file_key(name: str) -> str:
+    """Our tensor name -> the file's name under "net." (for messages)."""
+    by_ours = {ours: theirs for theirs, ours in _NET_KEYS.items()}
+    if name in by_ours:
+        return by_ours[name]
+    _, layer, rest = name.split(".", 2)  # blocks.{i}.{rest}
+    by_ours_layer = {ours: theirs for theirs, ours in _LAYER_KEYS.items()}
+    return f"causal_transformer.layers.{layer}.{by_ours_layer[rest]}"
 
 
 def _expected_prior_shapes(cfg: PriorConfig) -> dict[str, tuple[int, ...]]:
@@ -288,6 +314,8 @@ def _split_text(path: Path, state: dict, prior_dim: int) -> tuple[TextConfig, di
         raise WeightsError(path, f"CLIP context length is {context}, expected {TEXT_LEN}")
     if width % 64:
         raise WeightsError(path, f"CLIP text width {width} is not a multiple of 64 (heads = width // 64)")
+    if width != prior_dim:  # the 77 text states are tokens of the prior's sequence
+        raise WeightsError(path, f"CLIP text width {width} differs from the prior's width {prior_dim}")
     if tuple(projection.shape) != (width, prior_dim):
         raise WeightsError(path, f"'clip.clip.text_projection' has shape {tuple(projection.shape)}, "
                                  f"expected ({width}, {prior_dim}) to match the prior's width")

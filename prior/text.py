@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import regex
 import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
@@ -41,7 +42,7 @@ class Tokenizer:
 
     def __init__(self, context_length: int = 77):
         self.context_length = context_length
-        self._bpe = SimpleTokenizer(context_length=context_length)
+        self._bpe = _openai_special_tokens(SimpleTokenizer(context_length=context_length))
 
     def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
         """(B, 77) int64 tokens; over-long prompts are cut, keeping the end token last."""
@@ -49,6 +50,21 @@ class Tokenizer:
         # start + BPE tokens + end: longer than the context means the tail was cut
         truncated = [len(self._bpe.encode(p)) + 2 > self.context_length for p in prompts]
         return tokens, truncated
+
+
+def _openai_special_tokens(bpe: SimpleTokenizer) -> SimpleTokenizer:
+    """Make open-clip's BPE read special tokens as OpenAI's `clip` does: the text
+    '<|startoftext|>' / '<|endoftext|>' (any case) is the start / end token, and open-clip's own
+    '<start_of_text>' / '<end_of_text>' are plain text."""
+    for openai, open_clip in (("<|startoftext|>", "<start_of_text>"), ("<|endoftext|>", "<end_of_text>")):
+        bpe.encoder[openai] = bpe.encoder.pop(open_clip)
+        bpe.cache.pop(open_clip, None)
+        bpe.cache[openai] = openai
+    bpe.pat = regex.compile(
+        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+        regex.IGNORECASE,
+    )
+    return bpe
 
 
 class TextEncoder(nn.Module):

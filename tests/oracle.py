@@ -38,18 +38,19 @@ TINY = OracleShape(
     dim=64, depth=2, dim_head=16, heads=4, text_width=64, text_layers=2,
     vision_width=64, vision_layers=1, vision_patch=14, image_size=28,
 )
+# CLIP's text width must equal the prior's width: the 77 text states are tokens of its sequence.
 TINY_SHAPES = {
     "tiny": TINY,
     "tiny_wide_heads": OracleShape(
-        dim=96, depth=3, dim_head=32, heads=6, text_width=128, text_layers=1,
+        dim=128, depth=3, dim_head=32, heads=6, text_width=128, text_layers=1,
         vision_width=64, vision_layers=1, image_size=28,
     ),
     "tiny_deep": OracleShape(
-        dim=48, depth=4, dim_head=8, heads=2, ff_mult=2, text_width=64, text_layers=3,
+        dim=64, depth=4, dim_head=8, heads=2, ff_mult=2, text_width=64, text_layers=3,
         vision_width=64, vision_layers=1, image_size=28,
     ),
     "tiny_big_head": OracleShape(
-        dim=128, depth=1, dim_head=64, heads=3, text_width=192, text_layers=2,
+        dim=192, depth=1, dim_head=64, heads=3, text_width=192, text_layers=2,
         vision_width=64, vision_layers=1, image_size=28,
     ),
 }
