@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.oracle import FULL, TINY, TINY_SHAPES, load_oracle, make_checkpoint
 
@@ -41,3 +42,13 @@ def full_checkpoint() -> Path:
     if not path.exists():
         make_checkpoint(path, FULL, seed=0)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models are all per-op overhead: one thread is as fast, and far faster when the
+    machine is busy (two threads spinning at every barrier on two shared cores crawl)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -52,14 +52,7 @@ def assert_close_relative(actual, expected, tol: float = 1e-4) -> None:
     assert error <= tol * scale, f"max |diff| {error:.3g} > {tol} * max |expected| {scale:.3g}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: one thread is as fast, and far faster when the
-    machine is busy (two threads spinning at every barrier on two shared cores crawl)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -33,14 +33,7 @@ FP16_HALF_ULP = 2.0**-11  # relative rounding error of a float16 normal number
 FP16_TINIEST = 2.0**-25  # rounding error of a float16 subnormal
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: one thread is as fast, and far faster when the
-    machine is busy (two threads spinning at every barrier on two shared cores crawl)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
