@@ -79,6 +79,11 @@ def download(dest: str | Path = WEIGHTS_DIR, revision: str = HF_REVISION,
     try:
         fetched = _fetch(url, staging)
     except Exception as e:  # network, HTTP, offline mode, disk: whatever it is, one line and no traceback
+        if revision == HF_REVISION and _is_not_found(e):
+            # Only the pinned commit's short hash is known; if the Hub does not resolve it,
+            # main serves the same file, and the SHA-256 check below still pins the content.
+            print(f"revision {revision} not found ({_reason(e)}); trying main", file=sys.stderr)
+            return download(dest, "main", expected_sha256, endpoint)
         _remove_if_nothing_to_resume(staging)
         raise WeightsFileError(f"cannot download {url}: {_reason(e)}") from None
 
@@ -91,6 +96,13 @@ def download(dest: str | Path = WEIGHTS_DIR, revision: str = HF_REVISION,
     os.replace(fetched, final)
     shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _is_not_found(error: Exception) -> bool:
+    """An HTTP 404 (or huggingface_hub's revision/entry-not-found errors), not a network failure."""
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None) == 404 or type(error).__name__ in (
+        "RevisionNotFoundError", "EntryNotFoundError")
 
 
 def _fetch(url: str, staging: Path) -> Path:

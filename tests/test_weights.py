@@ -25,8 +25,9 @@ class FakeHub:
     """Serves one file the way the Hub's /resolve/ endpoint does (HEAD for metadata, GET with
     Range), and can misbehave: cut the next download halfway, then refuse further ones."""
 
-    def __init__(self, content: bytes):
+    def __init__(self, content: bytes, revisions: tuple[str, ...] = (HF_REVISION,)):
         self.content = content
+        self.revisions = revisions
         self.etag = hashlib.sha256(content).hexdigest()
         self.cut_next_download = False
         self.refuse_downloads = False
@@ -38,7 +39,7 @@ class FakeHub:
                 pass
 
             def _known(self) -> bool:
-                if self.path == f"/{HF_REPO}/resolve/{HF_REVISION}/{HF_FILENAME}":
+                if self.path in {f"/{HF_REPO}/resolve/{rev}/{HF_FILENAME}" for rev in hub.revisions}:
                     return True
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
@@ -133,6 +134,13 @@ def test_download_with_the_wrong_checksum_leaves_nothing(hub, tmp_path):
     with pytest.raises(WeightsFileError, match="SHA-256 is .*, expected 0{64}"):
         weights.download(tmp_path, expected_sha256="0" * 64, endpoint=hub.url)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_download_falls_back_to_main_when_the_pinned_short_hash_is_not_resolved(tmp_path):
+    content = os.urandom(50_000)
+    with FakeHub(content, revisions=("main",)) as main_only:
+        path = weights.download(tmp_path, expected_sha256=hashlib.sha256(content).hexdigest(), endpoint=main_only.url)
+    assert path.read_bytes() == content
 
 
 def test_download_of_an_unknown_revision_names_it(hub, tmp_path):
