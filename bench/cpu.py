@@ -6,7 +6,8 @@
     .venv/bin/python -m bench.cpu --oracle-full   # also run the oracle's 1000-step samples for real
 
 What it measures, each implementation back to back in this one process, timings taken in
-turns (oracle, ours float32, ours bfloat16, oracle, ...) so a busy spell hits all of them:
+turns (oracle, ours float32, ours bfloat16, oracle, ...) so a busy spell hits all of them,
+the best of the repeats reported (the machine is shared: noise only ever adds time):
 - one network step at batch 2 and 4, with and without guidance. The oracle's step is
   `net.forward_with_cond_scale` (all 81 tokens, the guided passes one after the other);
   ours is `network.denoise` on the prebuilt Condition (3 tokens, cond + null in one batch).
@@ -108,7 +109,8 @@ class Bench:
 
     def add_row(self, group: str, name: str, oracle_s: float | None, ours: dict[str, float | None],
                 note: str = "", **extra) -> dict:
-        row = {"group": group, "name": name, "oracle_s": oracle_s, "note": note, **extra}
+        row = {"group": group, "name": name, "oracle_s": oracle_s, "note": note,
+               "load_average_1m": round(os.getloadavg()[0], 2), **extra}
         for dtype, seconds in ours.items():
             row[f"ours_{dtype}_s"] = seconds
             row[f"ratio_{dtype}"] = ratio(oracle_s, seconds)
@@ -138,8 +140,9 @@ class Bench:
             setups = [r["setup_s"] for r in runs]
             records.append({
                 "impl": impl, "file": path.name, "dtype": dtype,
+                "load_s_best": min(loads),
                 "load_s_median": statistics.median(loads),
-                "load_s_min": min(loads),
+                "setup_s_best": min(setups),
                 "setup_s_median": statistics.median(setups),
                 "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
                 "peak_rss_mib_after_load": max(r["peak_rss_mib_after_load"] for r in runs),
@@ -186,7 +189,7 @@ class Bench:
 
         calls = {"oracle": oracle_step, **{d: (lambda f=f: f(x, t, 0)) for d, f in denoisers.items()}}
         timings = time_interleaved(calls, repeats=self.args.repeats)
-        self.add_row("step", label, timings["oracle"].median, {d: timings[d].median for d in denoisers},
+        self.add_row("step", label, timings["oracle"].best, {d: timings[d].best for d in denoisers},
                      batch=batch, cond_scale=cond_scale, timings={k: v.record() for k, v in timings.items()})
 
         out_oracle = oracle_step()
@@ -207,7 +210,7 @@ class Bench:
                    **{d: (lambda m=m: our_condition(m)) for d, m in self.models.items()}}
         timings = time_interleaved(one_off, repeats=max(1, self.args.repeats // 2))
         self.add_row("condition", f"per-call text + condition, batch {batch}, {'guided' if guided else 'no guidance'}",
-                     timings["oracle"].median, {d: timings[d].median for d in self.models},
+                     timings["oracle"].best, {d: timings[d].best for d in self.models},
                      note="one-off per call; the oracle recomputes its prefix every step instead",
                      batch=batch, cond_scale=cond_scale, timings={k: v.record() for k, v in timings.items()})
 
@@ -303,13 +306,14 @@ def targets(rows: list[dict], deviations: list[dict], footprints: list[dict]) ->
         add("CPU bfloat16 cosine to float32", f">= {TARGET_BF16_COSINE}", min(cosines), min(cosines) >= TARGET_BF16_COSINE,
             "lowest cosine of the chosen image embedding over the predictions run", digits=6)
     # setup = what predict.py's setup() does: prior.load, then Prior.warmup when the engine has it.
-    oracle_setup = next(f["setup_s_median"] for f in footprints if f["impl"] == "oracle")
+    oracle_setup = next(f["setup_s_best"] for f in footprints if f["impl"] == "oracle")
     converted = [f for f in footprints if f["impl"] == "ours" and f["file"].endswith(".safetensors") and f["dtype"] == "float32"]
     original = next(f for f in footprints if f["impl"] == "ours" and f["file"].endswith(".pth") and f["dtype"] == "float32")
     chosen = converted[0] if converted else original
-    fraction = chosen["setup_s_median"] / oracle_setup
-    detail = (f"ours from {chosen['file']}: load {chosen['load_s_median']:.2f} s + warm-up "
-              f"{chosen['setup_s_median'] - chosen['load_s_median']:.2f} s; oracle build + load {oracle_setup:.2f} s")
+    fraction = chosen["setup_s_best"] / oracle_setup
+    best_run = min(chosen["runs"], key=lambda r: r["setup_s"])
+    detail = (f"ours from {chosen['file']}: load {best_run['load_s']:.2f} s + warm-up {best_run['warmup_s']:.2f} s; "
+              f"oracle build + load {oracle_setup:.2f} s (best of {len(chosen['runs'])} fresh processes each)")
     if not converted:
         detail += " (no converter in the engine: prior.checkpoint.convert_to_safetensors)"
     add("setup from the converted file", f"<= {TARGET_LOAD_FRACTION:.3f} of the oracle's", fraction,
@@ -333,7 +337,7 @@ def show(rows: list[dict], deviations: list[dict], footprints: list[dict], goals
 
     print()
     print_table(["load (fresh process)", "load", "setup (load + warm-up)", "peak RSS after setup", "peak RSS with 4 steps"],
-                [[f"{f['impl']} {f['dtype']} from {f['file']}", fmt_seconds(f["load_s_median"]), fmt_seconds(f["setup_s_median"]),
+                [[f"{f['impl']} {f['dtype']} from {f['file']}", fmt_seconds(f["load_s_best"]), fmt_seconds(f["setup_s_best"]),
                   f"{f['peak_rss_mib_after_load']:.0f} MiB", f"{f['peak_rss_mib']:.0f} MiB"] for f in footprints])
     print()
     print_table(["deviation", "cosine (min)", "max rel err", "rel L2"],
@@ -375,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
             "weights": str(weights), "weights_bytes": weights.stat().st_size,
             "converted": None if converted is None else str(converted), "prompts": list(PROMPTS), "seed": SEED,
             "guided_cond_scale": GUIDED_COND_SCALE, "candidates": 2, "guidance": "original", "sampler": "ddpm",
-            "timing": "median wall-clock seconds; step rows interleave oracle and ours call by call",
+            "timing": "best (min) wall-clock seconds of the repeats, medians beside them in 'timings'; step rows "
+                      "interleave oracle and ours call by call; load and setup: best of --load-repeats fresh processes",
         },
         "rows": bench.rows,
         "load_and_memory": footprints,
