@@ -37,7 +37,7 @@ started=$(date +%s)
 stamp() { echo "[gpu.sh +$(( $(date +%s) - started )) s] $*"; }
 
 stamp "machine: $(uname -m), $(nproc) cores; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
-py=$(command -v python3.12 || command -v python3)
+py=$(command -v python3)  # on the lent GPU machines, the python3 that holds PyTorch
 if "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   # That python is often itself a venv (/opt/torch/.venv), whose packages a new venv's
   # --system-site-packages would not see: add ours in a folder on PYTHONPATH instead.
