@@ -17,6 +17,7 @@ on load, about 60% of the original's size. `read_checkpoint` reads either format
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import re
 import warnings
@@ -116,8 +117,12 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Wei
     if converted:
         expected_sha256 = sidecar.read_text().split()[0] if sidecar.read_text().strip() else "(empty sidecar)"
     sha256 = None
-    if expected_sha256 is not None:
+    if converted and _verified_before(path, expected_sha256):
+        sha256 = expected_sha256.lower()  # unchanged since its last full check
+    elif expected_sha256 is not None:
         sha256 = sha256_of(path)
+        if converted and sha256 == expected_sha256.lower():
+            _remember_verified(path, sha256)
         if sha256 != expected_sha256.lower():
             raise WeightsError(path, f"SHA-256 is {sha256}, expected {expected_sha256.lower()} (corrupted or a different file)")
     if path.suffix != ".safetensors" and expected_sha256 is None:
@@ -136,9 +141,44 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, expected_sha256: str | None = None) -> Path:
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _file_identity(path: Path) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+
+
+def _verified_before(path: Path, sha256: str) -> bool:
+    """Hashing a converted file at every load would cost about a second. After a full check
+    a `.verified` stamp records the file's size, mtime and inode: while they are unchanged,
+    the check is not repeated (`python -m prior.weights verify` always hashes)."""
+    try:
+        stamp = json.loads(_stamp_path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp == {**_file_identity(path), "sha256": sha256.lower()}
+
+
+def _remember_verified(path: Path, sha256: str) -> None:
+    try:
+        _stamp_path(path).write_text(json.dumps({**_file_identity(path), "sha256": sha256}) + "\n")
+    except OSError:
+        pass  # a read-only weights folder: every load hashes, which is only slower
+
+
+def convert_to_safetensors(
+    src: str | Path, dst: str | Path | None = None, expected_sha256: str | None = None, dtype: torch.dtype | None = None
+) -> Path:
     """Write what inference needs from `src` to `dst` (default: src with .safetensors), plus
-    `dst.sha256`. The source is fully checked first; `dst` appears only when complete."""
+    `dst.sha256`. The source is fully checked first; `dst` appears only when complete.
+
+    `dtype` stores the network and text weights in that precision (default: as in `src`,
+    float16). Stored in the precision they run in (float32 on a CPU), they are used straight
+    from the memory map, with no conversion at load. The schedule buffers keep the file's
+    fp16-rounded values either way (float32 holds them exactly).
+    """
     from safetensors.torch import save_file
 
     src = Path(src)
@@ -148,6 +188,9 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, expec
     text_keys = {f"clip.clip.{k}" for k in weights.text_state}
     kept = {k: v.clone().contiguous() for k, v in state.items()
             if k.startswith(("net.", "noise_scheduler.")) or k in text_keys}
+    if dtype is not None:
+        kept = {k: v.to(dtype) if v.is_floating_point() and not k.startswith("noise_scheduler.") else v
+                for k, v in kept.items()}
     metadata = {"format": "conditioned-prior/1", "source": src.name, "source_sha256": weights.sha256 or "unknown"}
     partial = dst.with_name(dst.name + ".partial")
     save_file(kept, partial, metadata=metadata)

@@ -77,8 +77,11 @@ class Prior:
         self._denoise_step = GraphedDenoiser(self.network) if use_graphs else self.network.denoise
 
     def warmup(self, candidates: int = 2) -> None:
-        """Run tiny predictions so that kernels load and, on a GPU, the step graphs for
-        `candidates` rows with and without guidance are captured before the first request."""
+        """On a GPU, run tiny predictions so that kernels load and the step graphs for
+        `candidates` rows with and without guidance are captured before the first request.
+        On a CPU there is nothing to capture: the first request is as fast as any other."""
+        if self.device.type != "cuda":
+            return
         for cond_scale in (1.0, 2.0):
             self.embed("warmup", candidates=candidates, cond_scale=cond_scale, steps=2, seed=0)
 

@@ -149,16 +149,17 @@ def _remove_if_nothing_to_resume(staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def convert(src: str | Path, dst: str | Path | None = None) -> Path:
-    """Write a safetensors copy of `src` (default: beside it, .safetensors) that loads faster."""
+def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = None) -> Path:
+    """Write a safetensors copy of `src` (default: beside it, .safetensors) that loads faster.
+    dtype "float32" suits CPU inference (no conversion at load); default keeps float16."""
+    import torch
+
     from . import checkpoint
 
     src = Path(src)
     dst = src.with_suffix(".safetensors") if dst is None else Path(dst)
-    if not hasattr(checkpoint, "convert_to_safetensors"):
-        raise WeightsFileError("this version of prior cannot convert yet (prior.checkpoint.convert_to_safetensors is missing)")
     try:
-        checkpoint.convert_to_safetensors(src, dst)
+        checkpoint.convert_to_safetensors(src, dst, dtype=getattr(torch, dtype) if dtype else None)
     except checkpoint.WeightsError as e:
         raise WeightsFileError(str(e)) from None
     return dst
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv = commands.add_parser("convert", help="write a .safetensors copy that loads faster")
     conv.add_argument("src", nargs="?", type=Path, default=WEIGHTS_DIR / HF_FILENAME, help="default: %(default)s")
     conv.add_argument("dst", nargs="?", type=Path, default=None, help="default: SRC with the suffix .safetensors")
+    conv.add_argument("--dtype", choices=("float16", "float32"), default=None,
+                      help="precision to store (default: the source's, float16); float32 loads fastest for CPU inference")
     return parser
 
 
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "verify":
             print(f"{args.path}: OK (SHA-256 {verify(args.path, args.sha256)})")
         else:
-            print(f"wrote {convert(args.src, args.dst)}")
+            print(f"wrote {convert(args.src, args.dst, args.dtype)}")
     except WeightsFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
