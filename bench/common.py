@@ -96,24 +96,23 @@ def safetensors_converter() -> Callable | None:
     return getattr(prior.checkpoint, "convert_to_safetensors", None)
 
 
-def converted_checkpoint(source: Path) -> Path | None:
+def converted_checkpoint(source: Path, dtype: str | None = None) -> Path | None:
     """The safetensors copy of `source` written by the engine's converter, made once and
-    cached beside it; None when the engine has no converter yet.
-
-    The converter's signature is not fixed yet: (source, destination) is tried first, and
-    a converter that takes only the source must return the path it wrote.
+    cached beside it (`<name>.safetensors`, or `<name>.<dtype>.safetensors` with the weights
+    stored in `dtype`); None when the engine has no converter, or none that takes a dtype.
     """
     convert = safetensors_converter()
     if convert is None:
         return None
-    target = source.with_suffix(".safetensors")
+    parameters = inspect.signature(convert).parameters
+    if dtype is not None and "dtype" not in parameters:
+        return None
+    target = source.with_suffix(f".{dtype}.safetensors" if dtype else ".safetensors")
     if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
         return target
-    positional = [p for p in inspect.signature(convert).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    print(f"converting {source.name} to safetensors ...", file=sys.stderr, flush=True)
-    written = convert(source, target) if len(positional) >= 2 else convert(source)
-    written = Path(written) if written is not None else target
+    print(f"converting {source.name} to {target.name} ...", file=sys.stderr, flush=True)
+    options = {"dtype": getattr(torch, dtype)} if dtype else {}
+    written = Path(convert(source, target, **options) or target)
     if not written.exists():
         raise RuntimeError(f"convert_to_safetensors did not write {written}")
     return written

@@ -124,12 +124,14 @@ class Bench:
 
     # -- load time and peak memory, fresh processes --------------------------------------
 
-    def footprints(self, converted: Path | None) -> list[dict]:
-        cases = [("ours", self.weights, "float32"), ("oracle", self.weights, "float32")]
-        if "bfloat16" in self.dtypes:
-            cases.insert(1, ("ours", self.weights, "bfloat16"))
-        if converted is not None:
-            cases.insert(1, ("ours", converted, "float32"))
+    def footprints(self, converted: dict[str, Path]) -> list[dict]:
+        """Load + setup time and peak memory, fresh processes: each of our paths from the
+        .pth file and from each converted file, then the oracle."""
+        cases = []
+        for dtype in self.dtypes:
+            cases.append(("ours", self.weights, dtype))
+            cases += [("ours", path, dtype) for stored, path in converted.items() if stored in ("float16", dtype)]
+        cases.append(("oracle", self.weights, "float32"))
         records = []
         for impl, path, dtype in cases:
             runs = []
@@ -307,9 +309,10 @@ def targets(rows: list[dict], deviations: list[dict], footprints: list[dict]) ->
             "lowest cosine of the chosen image embedding over the predictions run", digits=6)
     # setup = what predict.py's setup() does: prior.load, then Prior.warmup when the engine has it.
     oracle_setup = next(f["setup_s_best"] for f in footprints if f["impl"] == "oracle")
-    converted = [f for f in footprints if f["impl"] == "ours" and f["file"].endswith(".safetensors") and f["dtype"] == "float32"]
-    original = next(f for f in footprints if f["impl"] == "ours" and f["file"].endswith(".pth") and f["dtype"] == "float32")
-    chosen = converted[0] if converted else original
+    ours = [f for f in footprints if f["impl"] == "ours" and f["dtype"] == "float32"]
+    converted = [f for f in ours if f["file"].endswith(".safetensors")]
+    original = next(f for f in ours if f["file"].endswith(".pth"))
+    chosen = min(converted, key=lambda f: f["setup_s_best"]) if converted else original  # the faster converted file
     fraction = chosen["setup_s_best"] / oracle_setup
     best_run = min(chosen["runs"], key=lambda r: r["setup_s"])
     detail = (f"ours from {chosen['file']}: load {best_run['load_s']:.2f} s + warm-up {best_run['warmup_s']:.2f} s; "
@@ -336,9 +339,12 @@ def show(rows: list[dict], deviations: list[dict], footprints: list[dict], goals
     print_table(headers, table)
 
     print()
-    print_table(["load (fresh process)", "load", "setup (load + warm-up)", "peak RSS after setup", "peak RSS with 4 steps"],
+    print_table(["load (fresh process)", "load", "setup (load + warm-up)", "peak RSS after setup",
+                 "RSS anon + file after setup", "peak RSS with 4 steps"],
                 [[f"{f['impl']} {f['dtype']} from {f['file']}", fmt_seconds(f["load_s_best"]), fmt_seconds(f["setup_s_best"]),
-                  f"{f['peak_rss_mib_after_load']:.0f} MiB", f"{f['peak_rss_mib']:.0f} MiB"] for f in footprints])
+                  f"{f['peak_rss_mib_after_load']:.0f} MiB",
+                  f"{f['runs'][0]['after_load']['rss_anon_mib']:.0f} + {f['runs'][0]['after_load']['rss_file_mib']:.0f} MiB",
+                  f"{f['peak_rss_mib']:.0f} MiB"] for f in footprints])
     print()
     print_table(["deviation", "cosine (min)", "max rel err", "rel L2"],
                 [[d["name"], f"{d['cosine_min']:.7f}", f"{d['max_rel_err']:.2e}", f"{d['rel_l2']:.2e}"] for d in deviations])
@@ -357,8 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     info = machine_info()
     weights = args.weights or (tiny_checkpoint() if args.tiny else full_checkpoint())
-    converted = converted_checkpoint(weights) if args.weights is None or weights.suffix == ".pth" else None
     bench = Bench(args, weights)
+    # The converted copies the engine can write: as stored in the file (float16), and in the
+    # precision each measured path runs in, used straight from the memory map.
+    converted = {}
+    if weights.suffix == ".pth":
+        for stored in ["float16", *bench.dtypes]:
+            path = converted_checkpoint(weights, None if stored == "float16" else stored)
+            if path is not None:
+                converted[stored] = path
     bench.log(f"machine: {info['cpu_model']}, {info['torch_threads']} torch threads, load average {info['load_average_1_5_15']}")
 
     footprints = bench.footprints(converted)
@@ -377,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick, "tiny": args.tiny, "oracle_full": args.oracle_full, "repeats": args.repeats,
             "oracle_steps": args.oracle_steps, "load_repeats": args.load_repeats, "threads": torch.get_num_threads(),
             "weights": str(weights), "weights_bytes": weights.stat().st_size,
-            "converted": None if converted is None else str(converted), "prompts": list(PROMPTS), "seed": SEED,
+            "converted": {k: str(v) for k, v in converted.items()}, "prompts": list(PROMPTS), "seed": SEED,
             "guided_cond_scale": GUIDED_COND_SCALE, "candidates": 2, "guidance": "original", "sampler": "ddpm",
             "timing": "best (min) wall-clock seconds of the repeats, medians beside them in 'timings'; step rows "
                       "interleave oracle and ours call by call; load and setup: best of --load-repeats fresh processes",
