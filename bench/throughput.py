@@ -23,32 +23,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests.oracle, when run as a script
+sys.path.insert(0, str(ROOT))  # tests.oracle and bench.common, when run as a script
+
+from bench.common import full_checkpoint  # noqa: E402  (needs the path above)
 
 CACHE = ROOT / "bench" / "cache"
 RESULTS = ROOT / "bench" / "results"
-TEST_CACHE = Path(os.environ.get("PRIOR_TEST_CACHE", Path.home() / ".cache" / "conditioned-prior-tests"))
-
-
-def full_checkpoint() -> Path:
-    """bench/cache/full-seed0.pth: linked from the test suite's cache when it has one, else built."""
-    path = CACHE / "full-seed0.pth"
-    if path.exists():
-        return path
-    CACHE.mkdir(parents=True, exist_ok=True)
-    cached = TEST_CACHE / "full-seed0.pth"  # the same file tests/conftest.py builds (seed 0)
-    if cached.exists():
-        try:
-            os.link(cached, path)
-            return path
-        except OSError:
-            pass  # another file system: build our own
-    from tests.oracle import FULL, make_checkpoint
-
-    print(f"building a full-size random checkpoint in {path} (about a minute) ...", file=sys.stderr)
-    return make_checkpoint(path, FULL, seed=0)
-
-
 def machine() -> dict:
     import torch
 
