@@ -57,7 +57,12 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    def predict(self, inputs: dict | None = None, raw: bytes | None = None) -> tuple[int, str]:
+    def predict(self, inputs: dict | None = None, raw: bytes | None = None, wait_ready: bool = True) -> tuple[int, str]:
+        """POST /predictions. coglet frees its one slot a moment *after* answering, so a request sent
+        right after a response can meet 409 "busy" (CI saw it): by default wait for READY first, as
+        a polite client does. wait_ready=False sends at once (to a busy or failed server)."""
+        if wait_ready:
+            assert self.is_ready(), f"server never became READY again: {self.health()}"
         return self.request("POST", "/predictions", raw if raw is not None else json.dumps({"input": inputs}).encode())
 
     def health(self) -> dict:
@@ -243,7 +248,7 @@ def test_second_prediction_while_busy_gets_409(server):
         while server.health()["status"] != "BUSY":
             assert time.monotonic() < deadline, "the first prediction never started"
             time.sleep(0.02)
-        status, body = server.predict({"prompt": "an impatient one", "steps": 2})
+        status, body = server.predict({"prompt": "an impatient one", "steps": 2}, wait_ready=False)
         assert status == 409, body
         assert "busy" in body.lower()
     finally:
@@ -274,6 +279,6 @@ def test_bad_weights_fail_setup_with_a_clear_line(servers, name):
         prior.load(path)
     assert str(expected.value).startswith(f"{path}: ")
     assert str(expected.value) in health["setup"]["logs"]
-    status, body = running.predict({"prompt": "x"})
+    status, body = running.predict({"prompt": "x"}, wait_ready=False)
     assert status == 503, body
     assert running.health()["status"] == "SETUP_FAILED"
