@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .cli import SEED_LIMIT, ArgumentError, add_sampling_arguments, check_device, check_output_dir, int_in
+from .cli import SEED_LIMIT, ArgumentError, add_sampling_arguments, check_device, check_output_dir, int_in, resolve_steps
 
 MANIFEST = "batch.json"
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
@@ -531,11 +531,6 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run_batch)
 
 
-def _check_steps(steps: int, num_timesteps: int) -> None:
-    if steps > num_timesteps:
-        raise ArgumentError(f"argument --steps: must be at most {num_timesteps} for this checkpoint, got {steps}")
-
-
 def run_batch(args: argparse.Namespace) -> int:
     if args.workers is not None and args.ray is None:
         raise ArgumentError(f"argument --workers: only with --ray, got {args.workers}")
@@ -553,7 +548,7 @@ def run_batch(args: argparse.Namespace) -> int:
     try:
         workers = LocalWorker(args) if args.ray is None else RayWorkers(args)
         model = workers.start()
-        _check_steps(args.steps, model["num_timesteps"])
+        args.steps = resolve_steps(args.steps, model["num_timesteps"])
         seed = args.seed if args.seed is not None else manifest_seed(out)
         if seed is None:
             import secrets

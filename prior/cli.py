@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 SEED_LIMIT = 2**32
-MAX_STEPS = 1000
+DEFAULT_STEPS = 64  # the DALL-E 2 paper's strided setting
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "prior_ema_fp16.pth"
 
 
@@ -42,6 +42,29 @@ def int_in(low: int, high: int):
         return value
 
     return parse
+
+
+def steps_count(text: str) -> int:
+    """--steps as parsed; its upper bound, the checkpoint's timesteps, is checked by resolve_steps
+    once the checkpoint is loaded."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer from 1 to the checkpoint's timesteps (1000 for LAION's prior), got {text!r}")
+    return value
+
+
+def resolve_steps(steps: int | None, num_timesteps: int) -> int:
+    """--steps for a loaded checkpoint: DEFAULT_STEPS when not given (all of a shorter schedule),
+    else at most the checkpoint's timesteps."""
+    if steps is None:
+        return min(DEFAULT_STEPS, num_timesteps)
+    if steps > num_timesteps:
+        raise ArgumentError(f"argument --steps: must be at most {num_timesteps} for this checkpoint, got {steps}")
+    return steps
 
 
 def float_in(low: float, high: float):
@@ -78,8 +101,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image embeddings sampled per prompt; the one closest to the text is kept (1..32, default 2)")
     parser.add_argument("--cond-scale", type=float_in(0, 5), default=1.0,
                         help="classifier-free guidance scale; 1 disables guidance (0..5, default 1)")
-    parser.add_argument("--steps", type=int_in(1, MAX_STEPS), default=None,
-                        help="sampling steps; 1000 with --sampler ddpm is the original's exact sampler (1..1000, default 64)")
+    parser.add_argument("--steps", type=steps_count, default=None,
+                        help="sampling steps, 1 to the checkpoint's timesteps (1000 for LAION's); all of them with "
+                             f"--sampler ddpm is the original's exact sampler (default {DEFAULT_STEPS}, or all if fewer)")
     parser.add_argument("--seed", type=int_in(0, SEED_LIMIT - 1), default=None,
                         help=f"random seed (0..{SEED_LIMIT - 1}); drawn and reported when omitted")
     parser.add_argument("--guidance", choices=("original", "standard"), default="original",
@@ -176,11 +200,7 @@ def run_embed(args: argparse.Namespace) -> int:
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.steps is None:  # 64 (the DALL-E 2 paper's strided setting), or fewer for a short schedule
-        args.steps = min(64, model.config.num_timesteps)
-    if args.steps > model.config.num_timesteps:
-        limit = model.config.num_timesteps
-        raise ArgumentError(f"argument --steps: must be at most {limit} for this checkpoint, got {args.steps}")
+    args.steps = resolve_steps(args.steps, model.config.num_timesteps)
 
     bar = _progress_bar(args.steps, disable=args.quiet)
     try:

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import ArgumentError, add_sampling_arguments, check_device, int_in, prompt_text
+from .cli import ArgumentError, add_sampling_arguments, check_device, int_in, prompt_text, resolve_steps
 
 IMAGE_INDEX = "image.index"  # clip-retrieval's name for the image side
 LABEL_COLUMNS = ("caption", "prompt", "text", "TEXT", "url", "URL", "image_path")  # shown in the table
@@ -196,9 +196,7 @@ def run_search(args: argparse.Namespace) -> int:
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.steps > model.config.num_timesteps:
-        raise ArgumentError(f"argument --steps: must be at most {model.config.num_timesteps} for this checkpoint, "
-                            f"got {args.steps}")
+    args.steps = resolve_steps(args.steps, model.config.num_timesteps)
     if index.dim != model.config.dim:
         print(f"error: {index.path}: holds {index.dim}-dimensional embeddings, but this prior makes "
               f"{model.config.dim}-dimensional ones (an index of another CLIP model?)", file=sys.stderr)

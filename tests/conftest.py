@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.oracle import FULL, TINY, TINY_SHAPES, load_oracle, make_checkpoint
+from tests.oracle import FULL, SCHEDULE_SHAPES, TINY, TINY_SHAPES, load_oracle, make_checkpoint
 
 CACHE = Path(os.environ.get("PRIOR_TEST_CACHE", Path.home() / ".cache" / "conditioned-prior-tests"))
 
@@ -22,6 +22,14 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """One checkpoint per tiny shape in tests.oracle.TINY_SHAPES, seeds differ."""
     root = tmp_path_factory.mktemp("checkpoints")
     return {name: make_checkpoint(root / f"{name}.pth", shape, seed=i) for i, (name, shape) in enumerate(TINY_SHAPES.items())}
+
+
+@pytest.fixture(scope="session")
+def schedule_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints with 37 and 1200 timesteps (tests.oracle.SCHEDULE_SHAPES)."""
+    root = tmp_path_factory.mktemp("schedules")
+    return {name: make_checkpoint(root / f"{name}.pth", shape, seed=10 + i)
+            for i, (name, shape) in enumerate(SCHEDULE_SHAPES.items())}
 
 
 @pytest.fixture(scope="session")

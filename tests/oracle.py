@@ -9,7 +9,7 @@ predictor's adapter would have held it.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,13 @@ TINY_SHAPES = {
         dim=192, depth=1, dim_head=64, heads=3, text_width=192, text_layers=2,
         vision_width=64, vision_layers=1, image_size=28,
     ),
+}
+
+
+# Schedules other than LAION's 1000 steps: the exact sampler is then that many steps.
+SCHEDULE_SHAPES = {
+    "short_schedule": replace(TINY, timesteps=37),
+    "long_schedule": replace(TINY, timesteps=1200),
 }
 
 

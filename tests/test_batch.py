@@ -305,6 +305,16 @@ def test_bad_weights(prompt_file, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_default_steps(prompt_file, tiny_checkpoint, model, tmp_path):
+    """Without --steps a run takes 64 (the embed command's default) and equals the API's output."""
+    out = tmp_path / "out"
+    assert batch(prompt_file, "--weights", tiny_checkpoint, "--out", out, "--seed", "7", "--quiet") == 0
+    assert json.loads((out / "batch.json").read_text())["steps"] == 64
+    img, _, _ = read_run(out)
+    alone = model.embed(NON_BLANK[0], candidates=2, steps=64, seed=7)
+    np.testing.assert_allclose(img[0], alone.image_embedding[0], rtol=1e-5, atol=1e-6)
+
+
 def test_manifest_records_the_run(reference, tiny_checkpoint):
     record = json.loads((reference / "batch.json").read_text())
     assert {k: record[k] for k in ("rows", "seed", "steps", "candidates", "shard_size", "emb_dtype", "dim")} == {

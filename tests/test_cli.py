@@ -43,8 +43,9 @@ BAD_ARGUMENTS = [
     ("cond_scale_nan", {"--cond-scale": "nan"}, ("--cond-scale", "0..5", "nan")),
     ("cond_scale_inf", {"--cond-scale": "inf"}, ("--cond-scale", "0..5", "inf")),
     ("cond_scale_word", {"--cond-scale": "high"}, ("--cond-scale", "0..5", "high")),
-    ("steps_0", {"--steps": "0"}, ("--steps", "1..1000", "0")),
-    ("steps_1001", {"--steps": "1001"}, ("--steps", "1..1000", "1001")),
+    ("steps_0", {"--steps": "0"}, ("--steps", "from 1 to the checkpoint's timesteps", "'0'")),
+    ("steps_many", {"--steps": "many"}, ("--steps", "from 1 to the checkpoint's timesteps", "'many'")),
+    ("steps_1001", {"--steps": "1001"}, ("--steps", "at most 1000 for this checkpoint", "1001")),
     ("seed_-1", {"--seed": "-1"}, ("--seed", "0..4294967295", "-1")),
     ("seed_2**32", {"--seed": str(2**32)}, ("--seed", "0..4294967295", str(2**32))),
     ("seed_x", {"--seed": "x"}, ("--seed", "0..4294967295", "x")),
@@ -188,3 +189,23 @@ def test_existing_out_dir_gets_the_files_and_no_staging_is_left(tmp_path, tiny_c
     assert not np.array_equal(np.load(out / "image_embedding.npy"), image)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
+
+
+@pytest.mark.parametrize(("name", "steps", "expected"), [("short_schedule", None, 37), ("long_schedule", None, 64),
+                                                          ("short_schedule", "37", 37), ("long_schedule", "1200", 1200)])
+def test_steps_follow_the_checkpoints_schedule(schedule_checkpoints, tmp_path, name, steps, expected):
+    """--steps defaults to 64, or all of a shorter schedule, and goes up to the checkpoint's timesteps."""
+    out = tmp_path / "out"
+    done = run_cli("embed", "a cat", "--weights", str(schedule_checkpoints[name]), "--seed", "3", "--quiet",
+                   "--out", str(out), *(["--steps", steps] if steps else []), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "result.json").read_text())["steps"] == expected
+
+
+def test_steps_beyond_a_short_schedule_give_exit_2(schedule_checkpoints, tmp_path):
+    done = run_cli("embed", "a cat", "--weights", str(schedule_checkpoints["short_schedule"]), "--steps", "38",
+                   "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["python -m prior embed: error: argument --steps: must be at most 37 for this "
+                                        "checkpoint, got 38"]
+    assert list(tmp_path.iterdir()) == []

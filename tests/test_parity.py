@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import prior
-from tests.oracle import TINY_SHAPES, load_oracle, oracle_sample, oracle_text
+from tests.oracle import SCHEDULE_SHAPES, TINY_SHAPES, load_oracle, oracle_sample, oracle_text
 
 LONG_PROMPT = "a very detailed painting of " + ", ".join(f"a small {c} bird number {i}" for i, c in
                                                         enumerate(["red", "green", "blue", "gold"] * 8))
@@ -149,3 +149,16 @@ def test_cli_matches_oracle(tmp_path, tiny_checkpoints, oracles, oracle_embeddin
     assert np.array_equal(np.load(out / "text_tokens.npy"), tokens.numpy())
     assert_close_relative(np.load(out / "text_embedding.npy"), raw_text)
     assert_close_relative(np.load(out / "image_embedding.npy"), oracle_embedding(name, prompt, candidates, cond_scale, seed))
+
+
+@pytest.mark.parametrize("name", list(SCHEDULE_SHAPES))
+def test_exact_sampler_on_other_schedules(schedule_checkpoints, name):
+    """A checkpoint trained with T timesteps: steps=T is its exact sampler, whatever T is."""
+    shape, path = SCHEDULE_SHAPES[name], schedule_checkpoints[name]
+    prompt, tokens = "a lighthouse ! at dusk", clip.tokenize(["a lighthouse ! at dusk"], truncate=True)
+    expected = oracle_sample(load_oracle(path, shape), tokens, 11, 2, 2.5)
+    model = prior.load(path, device="cpu", dtype="float32")
+    assert model.config.num_timesteps == shape.timesteps
+    result = model.embed(prompt, candidates=2, cond_scale=2.5, steps=shape.timesteps, seed=11)
+    assert result.steps == shape.timesteps
+    assert_close_relative(result.image_embedding, expected)

@@ -86,6 +86,20 @@ def test_json_finds_the_planted_embeddings(index_folder, vectors, expected, tiny
                                                    "url": f"https://example.com/{IMAGE_ID}.jpg"}
 
 
+def test_default_steps(index_folder, tiny_checkpoint, capsys):
+    """Without --steps: 64 steps, the same query as the API's embed(steps=64)."""
+    assert search(PROMPT, "--index", index_folder, "--k", "1", "--json", "--weights", tiny_checkpoint, "--seed", SEED) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == 64
+    query = prior.load(tiny_checkpoint).embed(PROMPT, candidates=2, steps=64, seed=SEED).image_embedding[0]
+    hit = report["image_query"][0]
+    assert hit["score"] == pytest.approx(float(index_folder_vector(index_folder, hit["id"]) @ unit(query)), abs=1e-5)
+
+
+def index_folder_vector(folder: Path, i: int) -> np.ndarray:
+    return faiss.read_index(str(folder / "image.index")).reconstruct(i)
+
+
 def test_table_and_k_beyond_the_index(index_folder, tiny_checkpoint, capsys):
     assert search(PROMPT, "--index", index_folder, "--k", "100", "--weights", tiny_checkpoint,
                   "--steps", STEPS, "--seed", SEED) == 0
