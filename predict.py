@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path as FilePath
 
@@ -18,6 +19,7 @@ import numpy as np
 from cog import BaseModel, BasePredictor, Input, Path
 
 import prior
+from prior.checkpoint import converted_from
 
 WEIGHTS_ENV = "PRIOR_WEIGHTS"  # a weights file to use instead of weights/prior_ema_fp16.pth
 DEFAULT_WEIGHTS = FilePath(__file__).resolve().parent / "weights" / "prior_ema_fp16.pth"
@@ -35,11 +37,16 @@ class PriorOutput(BaseModel):
 
 def weights_path() -> FilePath:
     """The file setup() loads: $PRIOR_WEIGHTS or weights/prior_ema_fp16.pth, or the
-    converted .safetensors beside it when one exists (it loads faster)."""
+    converted .safetensors beside it (it loads faster) when it was converted from that file
+    as it is now. A stale one, left from a replaced .pth, is ignored with a warning."""
     path = FilePath(os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS)
     converted = path.with_suffix(".safetensors")
-    if path.suffix != ".safetensors" and converted.is_file():
+    if path.suffix == ".safetensors" or not converted.is_file():
+        return path
+    if not path.exists() or converted_from(converted, path):
         return converted
+    print(f"warning: ignoring {converted}: not converted from {path} as it is now; loading {path} "
+          "(run `python -m prior.weights convert` again to load faster)", file=sys.stderr)
     return path
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import warnings
@@ -191,13 +192,40 @@ def convert_to_safetensors(
     if dtype is not None:
         kept = {k: v.to(dtype) if v.is_floating_point() and not k.startswith("noise_scheduler.") else v
                 for k, v in kept.items()}
-    metadata = {"format": "conditioned-prior/1", "source": src.name, "source_sha256": weights.sha256 or "unknown"}
+    source = src.stat()  # what converted_from() compares the source with later
+    metadata = {"format": "conditioned-prior/1", "source": src.name, "source_sha256": weights.sha256 or sha256_of(src),
+                "source_size": str(source.st_size), "source_mtime_ns": str(source.st_mtime_ns)}
     partial = dst.with_name(dst.name + ".partial")
     save_file(kept, partial, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)  # safetensors creates 0600; readable like any file we write
     digest = sha256_of(partial)
     partial.replace(dst)
     sidecar_path(dst).write_text(f"{digest}  {dst.name}\n")
     return dst
+
+
+def converted_from(converted: str | Path, source: str | Path) -> bool:
+    """Whether `converted` was written by convert_to_safetensors from `source` as it is now.
+
+    Cheap when the source's size and mtime are those recorded at conversion; when only the
+    mtime differs (a copy, a touch) the source's SHA-256 decides. An unreadable or foreign
+    `converted` file, or a changed source, gives False.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(converted, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+        stat = Path(source).stat()
+    except Exception:  # noqa: BLE001 - any failure to read means "not known to be a conversion of source"
+        return False
+    if metadata.get("format") != "conditioned-prior/1" or metadata.get("source_size") != str(stat.st_size):
+        return False
+    if metadata.get("source_mtime_ns") == str(stat.st_mtime_ns):
+        return True
+    return metadata.get("source_sha256") == sha256_of(source)
 
 
 def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -15,7 +17,9 @@ import yaml
 import predict
 import prior
 from prior import schema as openapi
+from prior.checkpoint import convert_to_safetensors
 from prior.weights import HF_FILENAME, HF_REPO, HF_REVISION
+from tests.oracle import TINY, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"  # vendored from cog's source; see tests/data/README.md
@@ -155,6 +159,26 @@ def test_weights_path_prefers_env_then_converted_file(tmp_path, monkeypatch):
     assert predict.weights_path() == original
     (tmp_path / "prior_ema_fp16.safetensors").write_bytes(b"converted")
     assert predict.weights_path() == tmp_path / "prior_ema_fp16.safetensors"
+
+
+def test_a_stale_converted_file_is_not_preferred(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """The converted file is used only while the .pth beside it is the one it was made from."""
+    original = tmp_path / "prior_ema_fp16.pth"
+    shutil.copy(tiny_checkpoint, original)
+    converted = convert_to_safetensors(original)
+    monkeypatch.setenv(predict.WEIGHTS_ENV, str(original))
+    assert predict.weights_path() == converted
+
+    os.utime(original, ns=(1, 1))  # same bytes, another mtime (as after a copy): the hash decides
+    assert predict.weights_path() == converted
+    assert capsys.readouterr().err == ""
+
+    make_checkpoint(original, TINY, seed=99)  # the .pth replaced, the old conversion left behind
+    assert predict.weights_path() == original
+    assert capsys.readouterr().err.startswith(f"warning: ignoring {converted}: not converted from {original}")
+
+    converted.write_bytes(b"not a safetensors file")
+    assert predict.weights_path() == original
 
 
 def test_setup_with_a_missing_file_fails_with_one_line(tmp_path, monkeypatch):

@@ -1,5 +1,8 @@
 """The converted .safetensors file: same numbers, checked by its sidecar, fast to reload."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -40,3 +43,14 @@ def test_a_forged_stamp_does_not_skip_the_check(tiny_checkpoint, tmp_path):
     stamp.write_text('{"size": 1, "mtime_ns": 1, "inode": 1, "sha256": "0"}\n')
     with pytest.raises(prior.WeightsError, match="SHA-256"):
         prior.load(converted, device="cpu")
+
+
+def test_converted_file_is_readable_like_the_others(tiny_checkpoint, tmp_path):
+    """safetensors writes 0600; a service account reading the weights needs the umask's mode."""
+    before = os.umask(0o022)
+    try:
+        converted = convert_to_safetensors(tiny_checkpoint, tmp_path / "prior.safetensors")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(converted.stat().st_mode) == 0o644
+    assert stat.S_IMODE(converted.with_name(converted.name + ".sha256").stat().st_mode) == 0o644
