@@ -67,7 +67,13 @@ class Predictor(BasePredictor):
 
     def predict(
         self,
-        prompt: str = Input(description="The text to turn into a CLIP ViT-L/14 image embedding.", regex=r".*\S.*"),
+        prompt: str = Input(
+            description="The text to turn into a CLIP ViT-L/14 image embedding.",
+            # "holds a character that is not whitespace", spelled out as Python's str.isspace() (the
+            # engine's rule): cog's HTTP validator reads \s differently from Python. Anchored at both
+            # ends, so search, match and fullmatch agree, and a search stays linear.
+            regex=r"^[\s\S]*[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][\s\S]*$",
+        ),
         candidates: int = Input(
             default=2, ge=1, le=32,
             description="How many image embeddings to sample; the one closest to the text is returned.",
@@ -97,6 +103,8 @@ class Predictor(BasePredictor):
         # the one before last is certainly done with, and goes now (else /tmp fills up over time).
         while len(self.recent_outputs) > 1:
             shutil.rmtree(self.recent_outputs.pop(0), ignore_errors=True)
+        # cog's validator lets whole-number floats (4.0, 1e2) through for integer inputs, as floats
+        candidates, steps, seed = int(candidates), int(steps), None if seed is None else int(seed)
         result = self.model.embed(prompt, candidates=candidates, cond_scale=cond_scale, steps=steps, seed=seed,
                                   guidance=guidance, sampler=sampler)
         folder = write_arrays(result, self.output_root)

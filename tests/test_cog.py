@@ -151,6 +151,17 @@ def test_schema_inputs_are_the_documented_ones(fresh_schema):
     assert output["properties"]["scores"]["items"] == {"type": "number"}
 
 
+def test_prompt_pattern_is_the_engines_rule():
+    """The schema refuses exactly the prompts the engine refuses: those str.isspace() calls blank."""
+    schema = json.loads(openapi.SCHEMA_PATH.read_text())
+    pattern = re.compile(schema["components"]["schemas"]["Input"]["properties"]["prompt"]["pattern"])
+    for code in [*range(0xD800), *range(0xE000, 0x30000)]:  # every BMP character and two more planes
+        c = chr(code)
+        for prompt in (c, f"\n{c} \t"):  # a leading newline must not matter ("." would stop at it)
+            found = pattern.search(prompt) is not None
+            assert found == (pattern.fullmatch(prompt) is not None) == (not c.isspace()), (hex(code), prompt)
+
+
 def test_weights_path_prefers_env_then_converted_file(tmp_path, monkeypatch):
     monkeypatch.delenv(predict.WEIGHTS_ENV, raising=False)
     assert predict.weights_path() == predict.DEFAULT_WEIGHTS

@@ -198,10 +198,21 @@ def test_blank_seed_is_drawn_reported_and_reproducible(server):
     np.testing.assert_array_equal(_array(first["image_embedding"]), _array(again["image_embedding"]))
 
 
+def test_whole_number_floats_are_integers(server):
+    """cog lets 4.0 through for an integer input (JSON clients write them): same as 4."""
+    settings = {"prompt": "a lighthouse at dusk", "steps": 4, "candidates": 2, "seed": 42}
+    as_floats = _succeeded(*server.predict({k: float(v) if k != "prompt" else v for k, v in settings.items()}))
+    as_ints = _succeeded(*server.predict(settings))
+    assert as_floats["seed"] == 42 and isinstance(as_floats["seed"], int)
+    np.testing.assert_array_equal(_array(as_floats["candidates"]), _array(as_ints["candidates"]))
+
+
 BAD_INPUTS = [
     ({"prompt": ""}, "prompt"),
     ({"prompt": "  \t\n "}, "prompt"),
     ({}, "prompt"),
+    ({"prompt": "\u3000\u2028\u1680"}, "prompt"),  # whitespace to Python and the engine, not to every regex
+    ({"prompt": "\x85\x1c\xa0\u2003\u2029"}, "prompt"),
     ({"prompt": "x", "candidates": 0}, "candidates"),
     ({"prompt": "x", "candidates": 33}, "candidates"),
     ({"prompt": "x", "candidates": "two"}, "candidates"),
