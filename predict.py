@@ -9,6 +9,7 @@ running it (a static parser) and skips expressions it cannot evaluate.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -60,6 +61,7 @@ class Predictor(BasePredictor):
         path = weights_path()
         self.model = prior.load(path)
         self.output_root = FilePath(tempfile.mkdtemp(prefix="prior-outputs-"))
+        atexit.register(shutil.rmtree, self.output_root, ignore_errors=True)  # the last outputs, at shutdown
         self.recent_outputs: list[FilePath] = []
         self.model.warmup()  # load kernels (and on a GPU capture the step graphs) before the first request
         print(f"loaded {path} on {self.model.device} ({str(self.model.dtype).removeprefix('torch.')}) "

@@ -219,7 +219,8 @@ def run_embed(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
-    return serve(host=args.host, port=args.port, weights=args.weights)
+    serve(host=args.host, port=args.port, weights=args.weights)  # replaces this process; returns only by raising
+    return 1
 
 
 def _progress_bar(total: int, disable: bool):

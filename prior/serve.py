@@ -9,18 +9,21 @@ would otherwise arrange is done here:
 - COG_PREDICT_TYPE_STUB names the predictor and PORT the port (coglet ignores cog.yaml);
 - this virtualenv's bin comes first on PATH, because coglet starts its worker as plain
   `python`;
-- the working directory is the project root, where predict.py and .cog/ are.
+- the working directory is the project root, where predict.py and .cog/ are;
+- a relative --weights or $PRIOR_WEIGHTS is made absolute first, for that reason.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
+import socket
 import sys
 from pathlib import Path
 
+from .cli import ArgumentError
 from .schema import PREDICTOR_REF, PROJECT_ROOT, SCHEMA_PATH, ensure_current
+
+WEIGHTS_ENV = "PRIOR_WEIGHTS"  # predict.py's override of weights/prior_ema_fp16.pth
 
 
 def server_environment(port: int, weights: str | Path | None = None) -> dict[str, str]:
@@ -29,24 +32,36 @@ def server_environment(port: int, weights: str | Path | None = None) -> dict[str
     env["COG_PREDICT_TYPE_STUB"] = PREDICTOR_REF
     env["PORT"] = str(port)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    if weights is not None:
-        env["PRIOR_WEIGHTS"] = str(Path(weights).resolve())  # predict.py reads it; the cwd changes below
+    if weights is None:
+        weights = env.get(WEIGHTS_ENV) or None
+    if weights is not None:  # made absolute here, where the user's relative path means something:
+        env[WEIGHTS_ENV] = str(Path(weights).resolve())  # the server runs in the project root
     return env
 
 
-def serve(host: str = "127.0.0.1", port: int = 5000, weights: str | Path | None = None) -> int:
-    """Run the server until it exits or this process is told to stop. Returns its exit code."""
+def check_port_free(host: str, port: int) -> None:
+    """Fail with one line now, rather than with a traceback from the server when it binds."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ArgumentError(f"argument --host: must be an address of this machine, got {host!r} ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ArgumentError(f"argument --port: must be free on {host}, got {port} ({e.strerror})") from None
+
+
+def serve(host: str = "127.0.0.1", port: int = 5000, weights: str | Path | None = None) -> None:
+    """Become cog's server (exec: no wrapper process), which runs until it is stopped.
+    Signals reach it directly, so SIGTERM/SIGINT shut it down cleanly, worker included."""
+    check_port_free(host, port)
+    env = server_environment(port, weights)
     if ensure_current(SCHEMA_PATH):
         print(f"wrote {SCHEMA_PATH.relative_to(PROJECT_ROOT)} from {PREDICTOR_REF}", file=sys.stderr)
-    command = [sys.executable, "-m", "cog.server.http", "--host", host]
-    server = subprocess.Popen(command, cwd=PROJECT_ROOT, env=server_environment(port, weights))
-
-    def stop(signum, frame):  # pass SIGTERM/SIGINT on, so the server shuts its worker down too
-        server.send_signal(signum)
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return server.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(PROJECT_ROOT)
+    os.execve(sys.executable, [sys.executable, "-m", "cog.server.http", "--host", host], env)

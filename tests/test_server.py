@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,14 +40,16 @@ def _free_port() -> int:
 class Server:
     """`python -m prior serve` in its own process group, so stop() ends coglet and its worker too."""
 
-    def __init__(self, weights: Path, log: Path):
+    def __init__(self, weights: Path | None, log: Path, cwd: Path = ROOT, env: dict[str, str] | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [sys.executable, "-m", "prior", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--weights", str(weights)]
+        command = [sys.executable, "-m", "prior", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--weights", str(weights)] if weights is not None else []
+        environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}  # `-m prior` from any folder
         with open(log, "wb") as out:
-            self.process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
 
     def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 120) -> tuple[int, str]:
         headers = {"Content-Type": "application/json"} if body is not None else {}
@@ -293,3 +296,50 @@ def test_bad_weights_fail_setup_with_a_clear_line(servers, name):
     status, body = running.predict({"prompt": "x"}, wait_ready=False)
     assert status == 503, body
     assert running.health()["status"] == "SETUP_FAILED"
+
+
+def test_serve_becomes_the_server(tiny_checkpoint, tmp_path):
+    """`prior serve` execs cog's server: one process, so a signal sent to it (here SIGTERM to
+    that pid alone) stops the server. Started from another folder with a relative
+    $PRIOR_WEIGHTS, which means that folder's file. At shutdown the outputs folder goes too."""
+    shutil.copy(tiny_checkpoint, tmp_path / "mine.pth")
+    (tmp_path / "tmp").mkdir()
+    running = Server(None, tmp_path / "server.log", cwd=tmp_path,
+                     env={"PRIOR_WEIGHTS": "mine.pth", "TMPDIR": str(tmp_path / "tmp")})
+    try:
+        assert running.wait_for_setup()["status"] == "READY", running.log.read_text()[-3000:]
+        assert Path(f"/proc/{running.process.pid}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-m", b"cog.server.http"]
+        _succeeded(*running.predict({"prompt": "a cat", "steps": 2}))
+        assert len(list((tmp_path / "tmp").glob("prior-outputs-*/prediction-*"))) == 1
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(timeout=60) == 0
+    finally:
+        running.stop()
+    assert f"loaded {tmp_path / 'mine.pth'}" in running.log.read_text()
+    assert not list((tmp_path / "tmp").glob("prior-outputs-*"))
+
+
+def test_serve_on_a_busy_port_gives_exit_2_and_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "prior", "serve", "--port", str(port)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"python -m prior serve: error: argument --port: must be free on 127.0.0.1, "
+                                        f"got {port} (Address already in use)"]
+
+
+def test_the_readmes_python_example_works(server):
+    """README.md's "From Python" block, run as written against this server."""
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("### From Python\n```python\n", 1)[1].split("```", 1)[0]
+    assert "http://127.0.0.1:5000" in code
+    namespace: dict = {}
+    assert server.is_ready()
+    exec(compile(code.replace("http://127.0.0.1:5000", server.url), "README.md", "exec"), namespace)
+    dim = namespace["image_embedding"].shape[1]
+    assert namespace["image_embedding"].shape == namespace["text_embedding"].shape == (1, dim)
+    assert namespace["tokens"].shape == (1, 77) and namespace["candidates"].shape == (4, dim)
+    assert namespace["out"]["seed"] == 42
