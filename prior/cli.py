@@ -267,21 +267,27 @@ def result_record(result, model, row: int = 0) -> dict:
 def write_outputs(out: Path, result, model, row: int = 0) -> None:
     """Write the .npy files and result.json for one prompt, all or nothing.
 
-    Everything goes to a fresh temporary directory beside `out` first; only a complete set
-    is moved into place.
+    Everything goes to a fresh temporary directory first; only a complete set is moved into
+    place. A new `out` is staged beside it and renamed; an existing one (whose parent may be
+    read-only, as for --out ~) is staged inside it and its files replaced one by one.
     """
     import numpy as np
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    exists = out.is_dir()
+    if not exists:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out if exists else out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a new `out` gets the mode any mkdir would give it
     try:
         np.save(staging / "text_tokens.npy", result.tokens[row : row + 1].astype(np.int64))
         np.save(staging / "text_embedding.npy", result.text_embedding[row : row + 1].astype(np.float32))
         np.save(staging / "image_embedding.npy", result.image_embedding[row : row + 1].astype(np.float32))
         np.save(staging / "candidates.npy", result.candidates[row].astype(np.float32))
         (staging / "result.json").write_text(json.dumps(result_record(result, model, row), indent=2) + "\n")
-        if not out.exists():
+        if not exists:
             staging.rename(out)
             return
         for item in staging.iterdir():

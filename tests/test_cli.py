@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,15 @@ RESULT_KEYS = {"seed", "steps", "cond_scale", "guidance", "candidates", "scores"
                "weights_sha256", "load_seconds", "sample_seconds", "versions"}
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread, as fast and steady on a busy machine
-    return subprocess.run([sys.executable, "-m", "prior", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([*prefix, sys.executable, "-m", "prior", *args], capture_output=True, text=True, timeout=300,
                           env=env, cwd=cwd)
+
+
+# Root ignores file modes; without these capabilities it obeys them like any user.
+AS_PLAIN_USER = ("setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                 "--inh-caps=-dac_override,-dac_read_search", "--") if os.geteuid() == 0 else ()
 
 
 # (id, arguments replacing the defaults, words the one stderr line must hold: argument, bound, value)
@@ -84,6 +90,35 @@ def test_out_pointing_at_an_existing_file_gives_exit_2(tmp_path, tiny_checkpoint
     assert len(lines) == 1 and "--out" in lines[0] and str(target) in lines[0], done.stderr
     assert target.read_text() == "keep me\n"
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_a_new_out_gets_the_umasks_mode(tmp_path, tiny_checkpoint):
+    before = os.umask(0o022)  # inherited by the subprocess
+    try:
+        done = run_cli("embed", "a cat", "--weights", str(tiny_checkpoint), "--steps", "2", "--quiet",
+                       "--out", str(tmp_path / "new"), cwd=tmp_path)
+    finally:
+        os.umask(before)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o755
+
+
+def test_an_existing_out_in_a_read_only_folder(tmp_path, tiny_checkpoint):
+    """--out ~ is the usual case: the folder is writable, its parent is not. Staging beside it
+    would fail after all the sampling; the files are staged inside it instead."""
+    parent, out = tmp_path / "read-only", tmp_path / "read-only" / "mine"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me\n")
+    out.chmod(0o777)
+    parent.chmod(0o555)
+    try:
+        done = run_cli("embed", "a cat", "--weights", str(tiny_checkpoint), "--steps", "2", "--quiet",
+                       "--out", str(out), cwd=tmp_path, prefix=AS_PLAIN_USER)
+    finally:
+        parent.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES | {"notes.txt"}
+    assert (out / "notes.txt").read_text() == "keep me\n"
 
 
 @pytest.mark.parametrize("missing", ["prompt", "--out"])
