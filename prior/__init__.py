@@ -12,6 +12,7 @@ arguments (and `python -m prior.weights` can download) without loading torch fir
 import importlib
 
 __version__ = "0.1.0"
+DEFAULT_STEPS = 64  # sampling steps when none are given (the DALL-E 2 paper's); all of a shorter schedule
 
 _EXPORTS = {
     "load": "pipeline",
@@ -23,7 +24,7 @@ _EXPORTS = {
     "PRIOR_EMA_FP16_SHA256": "checkpoint",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", "DEFAULT_STEPS", *_EXPORTS]
 
 
 def __getattr__(name: str):

@@ -17,8 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import DEFAULT_STEPS
+
 SEED_LIMIT = 2**32
-DEFAULT_STEPS = 64  # the DALL-E 2 paper's strided setting
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "prior_ema_fp16.pth"
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import numbers
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import DEFAULT_STEPS
 from .checkpoint import Weights, WeightsError, read_checkpoint
 from .diffusion import SAMPLERS, ddim_sample, ddpm_sample, make_schedule
 from .graphs import GraphedDenoiser
@@ -91,7 +93,7 @@ class Prior:
         prompts: str | Sequence[str],
         candidates: int = 2,
         cond_scale: float = 1.0,
-        steps: int = 64,
+        steps: int | None = None,
         seed: int | None = None,
         guidance: str = "original",
         sampler: str = "ddpm",
@@ -100,10 +102,14 @@ class Prior:
         """Sample `candidates` image embeddings per prompt and keep the one closest to the text.
 
         steps == num_timesteps (1000) with sampler "ddpm" is 0.11.5's exact sampler; fewer
-        steps respace the schedule. `on_step(i, total)` is called after each step.
+        steps respace the schedule. None means DEFAULT_STEPS (64), or all of a shorter schedule.
+        `on_step(i, total)` is called after each step. Bad arguments raise ValueError.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = _prompt_list(prompts)
+        if steps is None:
+            steps = min(DEFAULT_STEPS, self.config.num_timesteps)
         _check_arguments(prompts, candidates, cond_scale, steps, seed, guidance, sampler, self.config.num_timesteps)
+        candidates, steps, cond_scale = int(candidates), int(steps), float(cond_scale)  # numpy scalars too
         seed = secrets.randbelow(SEED_LIMIT) if seed is None else int(seed)
         seeds = [(seed + i) % SEED_LIMIT for i in range(len(prompts))]
         started = time.perf_counter()
@@ -192,7 +198,7 @@ def load(
     if present, else cpu; float16 on cuda (the original ran under fp16 autocast), float32
     on cpu. `cuda_graphs` replays each step as a captured CUDA graph. Raises WeightsError."""
     started = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
@@ -215,20 +221,50 @@ def _build(cls, cfg, state: dict[str, torch.Tensor], path: Path, device: torch.d
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def _device(device: str | torch.device | None) -> torch.device:
+    """cpu or cuda[:N], checked here so that a typo or a missing GPU is a ValueError naming it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device must be cpu on this machine (no CUDA device), got {device!r}")
+    return parsed
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt or a sequence of them, as a list; anything else is a ValueError."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a string or a sequence of strings, got {type(prompts).__name__}")
+    return list(prompts)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_arguments(prompts, candidates, cond_scale, steps, seed, guidance, sampler, num_timesteps) -> None:
-    """Raise ValueError naming the argument, the bound and the value (the API's own check)."""
+    """Raise ValueError naming the argument, the bound and the value (the API's own check).
+    Integers may be numpy integers; numbers any real number type."""
     if not prompts:
         raise ValueError("prompts must hold at least one prompt, got none")
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"prompt must be non-empty text, got {p!r}")
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= 32:
+    if not _is_integer(candidates) or not 1 <= candidates <= 32:
         raise ValueError(f"candidates must be an integer in 1..32, got {candidates!r}")
-    if not isinstance(cond_scale, (int, float)) or not np.isfinite(cond_scale) or not 0 <= cond_scale <= 5:
+    if isinstance(cond_scale, bool) or not isinstance(cond_scale, numbers.Real) or not np.isfinite(cond_scale) \
+            or not 0 <= cond_scale <= 5:
         raise ValueError(f"cond_scale must be a finite number in 0..5, got {cond_scale!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+    if not _is_integer(steps) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be an integer in 1..{num_timesteps}, got {steps!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+    if seed is not None and (not _is_integer(seed) or not 0 <= seed < SEED_LIMIT):
         raise ValueError(f"seed must be an integer in 0..{SEED_LIMIT - 1}, got {seed!r}")
     if guidance not in GUIDANCE:
         raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}, got {guidance!r}")

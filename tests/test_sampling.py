@@ -345,11 +345,12 @@ def test_low_precision_is_close_to_float32(tiny_checkpoint, model, dtype, cond_s
 
 
 @pytest.mark.parametrize(("argument", "value"), [
-    ("prompts", ""), ("prompts", " \t\n"), ("prompts", []), ("prompts", ["fine", "  "]),
+    ("prompts", ""), ("prompts", " \t\n"), ("prompts", []), ("prompts", ["fine", "  "]), ("prompts", None),
+    ("prompts", b"a cat"), ("prompts", ["fine", None]),
     ("candidates", 0), ("candidates", 33), ("candidates", 2.0), ("candidates", True),
     ("cond_scale", -1.0), ("cond_scale", 5.5), ("cond_scale", math.nan), ("cond_scale", math.inf), ("cond_scale", "1"),
     ("steps", 0), ("steps", 1001), ("steps", 10.0),
-    ("seed", -1), ("seed", 2**32), ("seed", 1.5),
+    ("seed", -1), ("seed", 2**32), ("seed", 1.5), ("seed", np.int64(-1)), ("seed", np.float64(3.0)),
     ("guidance", "best"), ("sampler", "euler"),
 ])
 def test_embed_refuses_bad_arguments(model, argument, value):
@@ -360,3 +361,25 @@ def test_embed_refuses_bad_arguments(model, argument, value):
         model.embed(**kwargs)
     if argument != "prompts":
         assert repr(value) in str(caught.value)
+
+
+def test_embed_takes_numpy_numbers(model):
+    """Seeds and counts often come from numpy: np.int64(3) is an integer like 3."""
+    plain = model.embed("a cat", candidates=2, cond_scale=2.0, steps=3, seed=3)
+    numpy = model.embed("a cat", candidates=np.int64(2), cond_scale=np.float32(2.0), steps=np.int32(3), seed=np.uint32(3))
+    assert numpy.seed == 3 and type(numpy.seed) is int and numpy.steps == 3 and type(numpy.steps) is int
+    np.testing.assert_array_equal(numpy.candidates, plain.candidates)
+
+
+def test_embed_default_steps_fit_the_schedule(model, schedule_checkpoints):
+    assert model.embed("a cat", candidates=1, seed=0).steps == 64
+    short = prior.load(schedule_checkpoints["short_schedule"], device="cpu")
+    assert short.embed("a cat", candidates=1, seed=0).steps == 37
+
+
+@pytest.mark.parametrize(("device", "words"), [("tpu", "cpu or cuda"), ("cuda:x", "cpu or cuda"), (3.5, "cpu or cuda")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA device")]))
+def test_load_refuses_a_bad_device(tiny_checkpoint, device, words):
+    with pytest.raises(ValueError, match="device") as caught:
+        prior.load(tiny_checkpoint, device=device)
+    assert words in str(caught.value) and repr(device) in str(caught.value)
