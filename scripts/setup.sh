@@ -11,6 +11,9 @@ command -v "$python" >/dev/null || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.installed-$kind"
 digest=$(cat requirements.txt "$req" pyproject.toml | sha256sum | cut -c1-16)
+# the test requirements include the runtime ones (-r requirements.txt): a current test install serves both
+test_digest=$(cat requirements.txt requirements-test.txt pyproject.toml | sha256sum | cut -c1-16)
+[ "$kind" = runtime ] && [ "$(cat .venv/.installed-test 2>/dev/null)" = "$test_digest" ] && exit 0
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req" >&2
   # this package itself, so `python -m prior` works from any directory

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 
 import prior
 
+ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_FILES = {"text_tokens.npy", "text_embedding.npy", "image_embedding.npy", "candidates.npy", "result.json"}
 RESULT_KEYS = {"seed", "steps", "cond_scale", "guidance", "candidates", "scores", "chosen", "truncated", "weights",
                "weights_sha256", "load_seconds", "sample_seconds", "versions"}
@@ -244,3 +246,15 @@ def test_steps_beyond_a_short_schedule_give_exit_2(schedule_checkpoints, tmp_pat
     assert done.stderr.splitlines() == ["python -m prior embed: error: argument --steps: must be at most 37 for this "
                                         "checkpoint, got 38"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_embed_script_works_from_any_folder(tiny_checkpoint, tmp_path):
+    """scripts/embed.sh, the README's one command: relative --weights and --out mean the
+    caller's folder, and with --weights given nothing is downloaded."""
+    shutil.copy(tiny_checkpoint, tmp_path / "mine.pth")
+    done = subprocess.run([str(ROOT / "scripts" / "embed.sh"), "a cat", "--weights", "mine.pth", "--steps", "2",
+                           "--seed", "1", "--quiet", "--out", "out"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in (tmp_path / "out").iterdir()} == OUTPUT_FILES
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["weights"] == "mine.pth"
