@@ -15,6 +15,7 @@ would otherwise arrange is done here:
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -51,7 +52,9 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as e:
-            raise ArgumentError(f"argument --port: must be free on {host}, got {port} ({e.strerror})") from None
+            if e.errno == errno.EADDRINUSE:
+                raise ArgumentError(f"argument --port: must be free on {host}, got {port} ({e.strerror})") from None
+            raise ArgumentError(f"argument --host: must be an address of this machine, got {host!r} ({e.strerror})") from None
 
 
 def serve(host: str = "127.0.0.1", port: int = 5000, weights: str | Path | None = None) -> None:

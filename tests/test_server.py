@@ -343,3 +343,12 @@ def test_the_readmes_python_example_works(server):
     assert namespace["image_embedding"].shape == namespace["text_embedding"].shape == (1, dim)
     assert namespace["tokens"].shape == (1, 77) and namespace["candidates"].shape == (4, dim)
     assert namespace["out"]["seed"] == 42
+
+
+def test_serve_on_an_address_of_another_machine_gives_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "prior", "serve", "--host", "192.0.2.1", "--port", "5000"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # 192.0.2.1: TEST-NET-1, never local
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("python -m prior serve: error: argument --host: must be an address of this machine, "
+                                  "got '192.0.2.1' (")
+    assert len(done.stderr.splitlines()) == 1
