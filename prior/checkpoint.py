@@ -116,7 +116,7 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Wei
     # checked when it was written: the (slow) NaN/Inf scan is not repeated.
     converted = path.suffix == ".safetensors" and expected_sha256 is None and sidecar.is_file()
     if converted:
-        expected_sha256 = sidecar.read_text().split()[0] if sidecar.read_text().strip() else "(empty sidecar)"
+        expected_sha256 = sidecar_sha256(path) or "(empty sidecar)"
     sha256 = None
     if converted and _verified_before(path, expected_sha256):
         sha256 = expected_sha256.lower()  # unchanged since its last full check
@@ -140,6 +140,13 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Wei
 
 def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
+
+
+def sidecar_sha256(path: Path) -> str | None:
+    """The hash recorded in `path`'s `.sha256` sidecar ("HEX  NAME", as sha256sum writes), or
+    None when the sidecar is empty. Raises OSError when it cannot be read."""
+    fields = sidecar_path(path).read_text().split()
+    return fields[0] if fields else None
 
 
 def _stamp_path(path: Path) -> Path:
@@ -180,8 +187,6 @@ def convert_to_safetensors(
     from the memory map, with no conversion at load. The schedule buffers keep the file's
     fp16-rounded values either way (float32 holds them exactly).
     """
-    from safetensors.torch import save_file
-
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_suffix(".safetensors")
     weights = read_checkpoint(src, expected_sha256)  # every check, before anything is written
@@ -195,15 +200,44 @@ def convert_to_safetensors(
     source = src.stat()  # what converted_from() compares the source with later
     metadata = {"format": "conditioned-prior/1", "source": src.name, "source_sha256": weights.sha256 or sha256_of(src),
                 "source_size": str(source.st_size), "source_mtime_ns": str(source.st_mtime_ns)}
-    partial = dst.with_name(dst.name + ".partial")
-    save_file(kept, partial, metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(partial, 0o666 & ~umask)  # safetensors creates 0600; readable like any file we write
-    digest = sha256_of(partial)
-    partial.replace(dst)
-    sidecar_path(dst).write_text(f"{digest}  {dst.name}\n")
+    _write_converted(kept, metadata, dst)
     return dst
+
+
+def _write_converted(state: dict[str, torch.Tensor], metadata: dict[str, str], dst: Path) -> None:
+    """Write `dst` and its sidecar through `.partial` files, renamed into place only when both
+    are complete. On any failure, Ctrl-C included, the partial files (hundreds of MB) are
+    deleted: there is nothing to resume, a conversion always starts over."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    partial = dst.with_name(dst.name + ".partial")
+    sidecar = sidecar_path(dst)
+    sidecar_partial = sidecar.with_name(sidecar.name + ".partial")
+    try:
+        save_file(state, partial, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)  # safetensors creates 0600; readable like any file we write
+        sidecar_partial.write_text(f"{sha256_of(partial)}  {dst.name}\n")
+        partial.replace(dst)
+        sidecar_partial.replace(sidecar)
+    except BaseException as e:
+        partial.unlink(missing_ok=True)
+        sidecar_partial.unlink(missing_ok=True)
+        if isinstance(e, OSError | SafetensorError):  # disk full, no permission, no such folder
+            raise WeightsError(dst, f"cannot write the converted file ({_io_reason(e)})") from None
+        raise
+
+
+def _io_reason(error: Exception) -> str:
+    """The OS's words for a write failure. safetensors wraps them as "Error while serializing:
+    I/O error: No space left on device (os error 28) at path ...": keep only the middle."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = " ".join(str(error).split())
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
+    return found.group(1) if found else text or type(error).__name__
 
 
 def converted_from(converted: str | Path, source: str | Path) -> bool:
@@ -251,7 +285,40 @@ def _check_zip_checksums(path: Path) -> None:
         raise WeightsError(path, f"corrupted: record {bad!r} fails its CRC-32 checksum")
 
 
+# What torch.load accepts: a zip archive (torch.save's format since 1.6), or the legacy format,
+# a pickle stream whose first object is this number. Only the first bytes are needed to tell.
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = (torch.serialization.MAGIC_NUMBER.to_bytes(10, "little"),  # pickle protocol 2+: LONG1 bytes
+                 str(torch.serialization.MAGIC_NUMBER).encode())  # protocols 0 and 1: decimal text
+_HEAD_BYTES = 64
+
+
+def _check_torch_format(path: Path) -> None:
+    """Refuse a file that is neither of torch's formats before unpickling anything. Otherwise
+    torch reads its first bytes as pickle opcodes and fails with a message about them (text
+    starting "he" gives `KeyError: 101`, the memo index 'e' after the opcode 'h')."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+    except OSError as e:
+        raise WeightsError(path, f"cannot read ({e.strerror or e})") from None
+    if head.startswith(_ZIP_MAGIC) or any(magic in head for magic in _LEGACY_MAGIC):
+        return
+    raise WeightsError(path, f"not a PyTorch checkpoint (neither a zip archive nor a legacy torch file){_preview(head)}")
+
+
+def _preview(head: bytes) -> str:
+    """'; it starts with "..."' when the file begins with text: an HTML error page or a Git LFS
+    pointer saved in place of the weights says so at once."""
+    try:
+        line = head.decode("utf-8").strip().splitlines()[0][:40]
+    except (UnicodeDecodeError, IndexError):
+        return ""
+    return f"; it starts with {line!r}" if line.isprintable() else ""
+
+
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    _check_torch_format(path)
     try:
         with warnings.catch_warnings():  # torch warns on old-format files; the error below says it all
             warnings.simplefilter("ignore")

@@ -2,13 +2,18 @@
 
     python -m prior.weights download [--dest DIR] [--revision REV]   fetch prior_ema_fp16.pth into weights/
     python -m prior.weights verify [PATH] [--sha256 HEX]             check a file's SHA-256
-    python -m prior.weights convert [SRC] [DST]                      write the .safetensors copy that loads faster
+    python -m prior.weights convert [SRC] [DST] [--dtype D]          write the .safetensors copy that loads faster
 
 The download comes from Hugging Face (laion/DALLE2-PyTorch) through huggingface_hub, at a
 pinned revision. Partial data is kept under DIR/.download/, so an interrupted download
 resumes where it stopped, in the same run (dropped connections) or the next one. The file
 reaches DIR/prior_ema_fp16.pth only once it is complete and its SHA-256 is the published one.
-Exit 0 on success; 1 with one line on stderr when the network, the file or the disk fails.
+
+verify without --sha256 checks a .safetensors against the `.sha256` sidecar convert wrote
+beside it, and any other file against the published prior_ema_fp16.pth's SHA-256.
+
+Exit 0 on success; 2 with one line on stderr for a bad argument; 1 with one line on stderr
+when the network, the file or the disk fails.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checkpoint import PRIOR_EMA_FP16_SHA256, sha256_of
+from .checkpoint import PRIOR_EMA_FP16_SHA256, sha256_of, sidecar_path, sidecar_sha256
 
 HF_REPO = "laion/DALLE2-PyTorch"
 HF_FILENAME = "prior_ema_fp16.pth"
@@ -42,15 +47,50 @@ def hub_url(revision: str = HF_REVISION, endpoint: str | None = None) -> str:
     return hf_hub_url(HF_REPO, HF_FILENAME, revision=revision, endpoint=endpoint)
 
 
-def verify(path: str | Path, expected_sha256: str = PRIOR_EMA_FP16_SHA256) -> str:
-    """Return the file's SHA-256 if it is the expected one; else raise WeightsFileError."""
+def verify(path: str | Path, expected_sha256: str | None = None) -> str:
+    """Return the file's SHA-256 if it is the expected one; else raise WeightsFileError.
+
+    With no expected hash, a .safetensors is checked against its `.sha256` sidecar (the
+    converted file is not the published one) and any other file against the published
+    prior_ema_fp16.pth's. Always hashes the whole file, whatever a `.verified` stamp says.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsFileError(f"{path}: {'not a regular file' if path.exists() else 'file not found'}")
+    expected, source = (expected_sha256, None) if expected_sha256 else _default_sha256(path)
     actual = sha256_of(path)
-    if actual != expected_sha256.lower():
-        raise WeightsFileError(f"{path}: SHA-256 is {actual}, expected {expected_sha256.lower()}")
+    if actual != expected.lower():
+        why = f" (from {source}): corrupted or changed since it was converted" if source else ""
+        raise WeightsFileError(f"{path}: SHA-256 is {actual}, expected {expected.lower()}{why}")
     return actual
+
+
+def _default_sha256(path: Path) -> tuple[str, str | None]:
+    """The hash to check `path` against when none is given, and the sidecar it came from."""
+    if path.suffix != ".safetensors":
+        return PRIOR_EMA_FP16_SHA256, None
+    sidecar = sidecar_path(path)
+    try:
+        recorded = sidecar_sha256(path)
+    except FileNotFoundError:
+        raise WeightsFileError(f"{path}: no {sidecar.name} sidecar to check it against "
+                               "(convert writes one; or give --sha256 HEX)") from None
+    except OSError as e:
+        raise WeightsFileError(f"{sidecar}: cannot read ({e.strerror or e})") from None
+    if recorded is None or not is_sha256(recorded):
+        raise WeightsFileError(f"{sidecar}: does not hold a SHA-256 (64 hexadecimal digits)")
+    return recorded, sidecar.name
+
+
+def is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def sha256_argument(text: str) -> str:
+    """--sha256, checked as `python -m prior embed` checks it."""
+    if not is_sha256(text):
+        raise argparse.ArgumentTypeError(f"must be 64 hexadecimal digits, got {text!r}")
+    return text.lower()
 
 
 def download(dest: str | Path = WEIGHTS_DIR, revision: str = HF_REVISION,
@@ -60,6 +100,15 @@ def download(dest: str | Path = WEIGHTS_DIR, revision: str = HF_REVISION,
     Returns the final path. A file already there with the right SHA-256 is kept as is.
     """
     dest = Path(dest)
+    created = _missing_folders(dest)
+    try:
+        return _download(dest, revision, expected_sha256, endpoint)
+    except BaseException:  # Ctrl-C included: a folder made for nothing is not left behind
+        _remove_empty(created)
+        raise
+
+
+def _download(dest: Path, revision: str, expected_sha256: str, endpoint: str | None) -> Path:
     final = dest / HF_FILENAME
     if final.is_file():
         try:
@@ -83,7 +132,7 @@ def download(dest: str | Path = WEIGHTS_DIR, revision: str = HF_REVISION,
             # Only the pinned commit's short hash is known; if the Hub does not resolve it,
             # main serves the same file, and the SHA-256 check below still pins the content.
             print(f"revision {revision} not found ({_reason(e)}); trying main", file=sys.stderr)
-            return download(dest, "main", expected_sha256, endpoint)
+            return _download(dest, "main", expected_sha256, endpoint)
         _remove_if_nothing_to_resume(staging)
         raise WeightsFileError(f"cannot download {url}: {_reason(e)}") from None
 
@@ -149,8 +198,42 @@ def _remove_if_nothing_to_resume(staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first: what a
+    command that fails may remove again."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove these folders (deepest first) while they are empty; one holding anything, such
+    as partial download data to resume from, is kept, and so are its parents."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; return those created (see _missing_folders)."""
+    created = _missing_folders(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty(created)
+        raise WeightsFileError(f"{folder}: cannot create the folder ({e.strerror or e})") from None
+    return created
+
+
 def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = None) -> Path:
-    """Write a safetensors copy of `src` (default: beside it, .safetensors) that loads faster.
+    """Write a safetensors copy of `src` (default: beside it, .safetensors) that loads faster,
+    creating `dst`'s folder if needed (removed again if the conversion fails).
     dtype "float32" suits CPU inference (no conversion at load); default keeps float16."""
     import torch
 
@@ -158,15 +241,24 @@ def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = 
 
     src = Path(src)
     dst = src.with_suffix(".safetensors") if dst is None else Path(dst)
+    created = _make_folder(dst.parent)
     try:
         checkpoint.convert_to_safetensors(src, dst, dtype=getattr(torch, dtype) if dtype else None)
-    except checkpoint.WeightsError as e:
-        raise WeightsFileError(str(e)) from None
+    except BaseException as e:  # Ctrl-C included: nothing is left behind, not even the folder
+        _remove_empty(created)
+        if isinstance(e, checkpoint.WeightsError):
+            raise WeightsFileError(str(e)) from None
+        raise
     return dst
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the usage too: keep one line
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m prior.weights", description="Fetch, check and convert the prior's weights.")
+    parser = _Parser(prog="python -m prior.weights", description="Fetch, check and convert the prior's weights.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     fetch = commands.add_parser("download", help=f"fetch {HF_FILENAME} from Hugging Face {HF_REPO} and verify it")
@@ -175,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("verify", help="check a weights file's SHA-256")
     check.add_argument("path", nargs="?", type=Path, default=WEIGHTS_DIR / HF_FILENAME, help="default: %(default)s")
-    check.add_argument("--sha256", default=PRIOR_EMA_FP16_SHA256, help="expected SHA-256 (default: the published file's)")
+    check.add_argument("--sha256", type=sha256_argument, default=None,
+                       help="expected SHA-256 (default: a .safetensors file's .sha256 sidecar, else the published .pth's)")
 
     conv = commands.add_parser("convert", help="write a .safetensors copy that loads faster")
     conv.add_argument("src", nargs="?", type=Path, default=WEIGHTS_DIR / HF_FILENAME, help="default: %(default)s")
@@ -183,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=("float16", "float32"), default=None,
                       help="precision to store (default: the source's, float16); float32 loads fastest for CPU inference")
     return parser
+
+
+INTERRUPTED = {  # only a download keeps what it had, to resume from
+    "download": "interrupted; run the same command again to resume",
+    "verify": "interrupted",
+    "convert": "interrupted; nothing was written",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
+        print(INTERRUPTED[args.command], file=sys.stderr)
         return 130
     return 0
 

@@ -54,3 +54,12 @@ def test_converted_file_is_readable_like_the_others(tiny_checkpoint, tmp_path):
         os.umask(before)
     assert stat.S_IMODE(converted.stat().st_mode) == 0o644
     assert stat.S_IMODE(converted.with_name(converted.name + ".sha256").stat().st_mode) == 0o644
+
+
+def test_a_write_error_names_the_file(tiny_checkpoint, tmp_path):
+    """Called directly, convert_to_safetensors does not create folders: safetensors' own error,
+    cut to one line naming the destination."""
+    dst = tmp_path / "missing" / "x.safetensors"
+    with pytest.raises(prior.WeightsError) as caught:
+        convert_to_safetensors(tiny_checkpoint, dst)
+    assert str(caught.value) == f"{dst}: cannot write the converted file (No such file or directory)"

@@ -212,3 +212,164 @@ def test_convert_of_a_bad_file_is_one_line(tmp_path, capsys):
     assert weights.main(["convert", str(tmp_path / "missing.pth")]) == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'missing.pth'}: file not found\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_offline_download_removes_the_folder_it_created(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    dest = tmp_path / "new" / "weights"
+    assert weights.main(["download", "--dest", str(dest)]) == 1
+    assert "offline mode is enabled" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither weights/ nor new/ is left
+
+
+def test_download_keeps_a_folder_that_was_already_there(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert weights.main(["download", "--dest", str(tmp_path)]) == 1
+    assert tmp_path.is_dir()
+
+
+def _convert(checkpoint: Path, converted: Path) -> Path:
+    assert weights.main(["convert", str(checkpoint), str(converted)]) == 0
+    return converted
+
+
+def _flip_a_byte_in_place(path: Path) -> None:
+    """Same size, inode and mtime: only hashing the content can tell."""
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(-100, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_verify_checks_a_converted_file_against_its_sidecar(tiny_checkpoint, tmp_path, capsys):
+    import prior
+
+    converted = _convert(tiny_checkpoint, tmp_path / "tiny.safetensors")
+    digest = hashlib.sha256(converted.read_bytes()).hexdigest()
+    capsys.readouterr()
+    assert weights.main(["verify", str(converted)]) == 0
+    assert capsys.readouterr().out == f"{converted}: OK (SHA-256 {digest})\n"
+
+    prior.load(converted, device="cpu")  # leaves a .verified stamp, which verify must not trust
+    _flip_a_byte_in_place(converted)
+    assert weights.main(["verify", str(converted)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {converted}: SHA-256 is ")
+    assert f"expected {digest} (from tiny.safetensors.sha256): corrupted" in err
+
+
+def test_verify_of_a_converted_file_without_a_sidecar_says_so(tiny_checkpoint, tmp_path, capsys):
+    converted = _convert(tiny_checkpoint, tmp_path / "tiny.safetensors")
+    digest = hashlib.sha256(converted.read_bytes()).hexdigest()
+    sidecar = converted.with_name("tiny.safetensors.sha256")
+    sidecar.write_text("not a hash\n")
+    capsys.readouterr()
+    assert weights.main(["verify", str(converted)]) == 1
+    assert capsys.readouterr().err == f"error: {sidecar}: does not hold a SHA-256 (64 hexadecimal digits)\n"
+
+    sidecar.unlink()
+    assert weights.main(["verify", str(converted)]) == 1
+    assert capsys.readouterr().err == (f"error: {converted}: no tiny.safetensors.sha256 sidecar to check it against "
+                                       "(convert writes one; or give --sha256 HEX)\n")
+    assert weights.main(["verify", str(converted), "--sha256", digest.upper()]) == 0  # an explicit hash needs none
+
+
+@pytest.mark.parametrize("value", ["xyz", "abc", "0" * 63, "g" * 64, ""])
+def test_verify_refuses_a_malformed_sha256_with_exit_2(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exited:
+        weights.main(["verify", str(tmp_path / "any.pth"), "--sha256", value])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (f"python -m prior.weights verify: error: argument --sha256: "
+                                       f"must be 64 hexadecimal digits, got {value!r}\n")
+
+
+def test_convert_creates_the_destination_folder(tiny_checkpoint, tmp_path, capsys):
+    converted = tmp_path / "no dir" / "deeper" / "x.safetensors"
+    assert weights.main(["convert", str(tiny_checkpoint), str(converted)]) == 0
+    assert capsys.readouterr().out == f"wrote {converted}\n"
+    assert weights.main(["verify", str(converted)]) == 0
+
+
+def test_convert_to_an_impossible_folder_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "a file").write_text("")
+    assert weights.main(["convert", str(tiny_checkpoint), str(tmp_path / "a file" / "x.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'a file'}: cannot create the folder (") and err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["a file"]
+
+
+def _fail_while_hashing_the_partial(monkeypatch, fail) -> list[bool]:
+    """Make convert fail once the .partial file is written; returns whether it was there."""
+    from prior import checkpoint
+
+    seen, real = [], checkpoint.sha256_of
+
+    def sha256_of(path, *args):
+        if str(path).endswith(".safetensors.partial"):
+            seen.append(Path(path).is_file())
+            fail()
+        return real(path, *args)
+
+    monkeypatch.setattr(checkpoint, "sha256_of", sha256_of)
+    return seen
+
+
+def test_convert_interrupted_by_ctrl_c_leaves_nothing(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # what a terminal's Ctrl-C reaches
+    try:
+        seen = _fail_while_hashing_the_partial(monkeypatch, lambda: signal.raise_signal(signal.SIGINT))
+        assert weights.main(["convert", str(tiny_checkpoint), str(tmp_path / "new" / "x.safetensors")]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [True]
+    assert capsys.readouterr().err == "interrupted; nothing was written\n"
+    assert list(tmp_path.iterdir()) == []  # no .partial, no sidecar, not even the folder
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), OSError(28, "No space left on device")])
+def test_convert_that_fails_leaves_nothing(tiny_checkpoint, tmp_path, capsys, monkeypatch, error):
+    def fail():
+        raise error
+
+    seen = _fail_while_hashing_the_partial(monkeypatch, fail)
+    converted = tmp_path / "x.safetensors"
+    if isinstance(error, OSError):
+        assert weights.main(["convert", str(tiny_checkpoint), str(converted)]) == 1
+        assert capsys.readouterr().err == f"error: {converted}: cannot write the converted file (No space left on device)\n"
+    else:
+        with pytest.raises(RuntimeError, match="boom"):
+            weights.main(["convert", str(tiny_checkpoint), str(converted)])
+    assert seen == [True]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["hello\n", "<html><body>404 Not Found</body></html>\n",
+                                  "version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\n"])
+def test_a_file_that_is_not_a_torch_checkpoint_says_so(tmp_path, capsys, text):
+    """torch's unpickler read "he" as the opcode BINGET of memo entry 101 and failed with KeyError: 101."""
+    path = tmp_path / "x.pth"
+    path.write_text(text)
+    assert weights.main(["convert", str(path)]) == 1
+    first_line = text.splitlines()[0][:40]
+    assert capsys.readouterr().err == (f"error: {path}: not a PyTorch checkpoint (neither a zip archive nor a legacy "
+                                       f"torch file); it starts with {first_line!r}\n")
+
+
+def test_a_legacy_format_checkpoint_still_loads(tiny_checkpoint, tmp_path):
+    import torch
+
+    import prior
+
+    legacy = tmp_path / "legacy.pth"
+    torch.save(torch.load(tiny_checkpoint, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    assert not legacy.read_bytes().startswith(b"PK")
+    assert prior.load(legacy, device="cpu").config == prior.load(tiny_checkpoint, device="cpu").config
