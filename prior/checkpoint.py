@@ -39,6 +39,14 @@ SCHEDULE_BUFFERS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_log_variance_clipped",
     "posterior_mean_coef1", "posterior_mean_coef2",
 )
+# Every buffer 0.11.5's NoiseScheduler saves: all must be there and finite, as a strict
+# load_state_dict of the original would demand, though the sampler reads only those above.
+FILE_SCHEDULE_BUFFERS = (
+    *SCHEDULE_BUFFERS, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance", "p2_loss_weight",
+)
+# The three parts of a DiffusionPrior state dict; a tensor outside them means another layout.
+_TOP_LEVEL = ("net.", "clip.clip.", "noise_scheduler.")
 
 # file name (under "net.") -> our name. {i} is a layer index.
 _NET_KEYS = {
@@ -132,6 +140,9 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Wei
     prior_config, prior_state = _split_prior(path, state)
     text_config, text_state = _split_text(path, state, prior_config.dim)
     schedule = _split_schedule(path, state, prior_config.num_timesteps)
+    stray = next((k for k in state if not k.startswith(_TOP_LEVEL)), None)
+    if stray is not None:
+        raise WeightsError(path, f"unexpected tensor {stray!r} (not a dalle2-pytorch 0.11.5 DiffusionPrior layout)")
     for name, tensor in [*prior_state.items(), *text_state.items(), *schedule.items()]:
         if not converted and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WeightsError(path, f"tensor {name!r} contains NaN or Inf")
@@ -465,7 +476,15 @@ def _split_text(path: Path, state: dict, prior_dim: int) -> tuple[TextConfig, di
 
 
 def _split_schedule(path: Path, state: dict, num_timesteps: int) -> dict[str, torch.Tensor]:
-    schedule = {name: _need(path, state, f"noise_scheduler.{name}", (num_timesteps,)) for name in SCHEDULE_BUFFERS}
+    stray = next((k for k in state if k.startswith("noise_scheduler.")
+                  and k.removeprefix("noise_scheduler.") not in FILE_SCHEDULE_BUFFERS), None)
+    if stray is not None:
+        raise WeightsError(path, f"unexpected tensor {stray!r} (not a dalle2-pytorch 0.11.5 noise schedule)")
+    for name in FILE_SCHEDULE_BUFFERS:  # 13 x T numbers: cheap enough to check every load
+        buffer = _need(path, state, f"noise_scheduler.{name}", (num_timesteps,))
+        if not torch.isfinite(buffer.float()).all():
+            raise WeightsError(path, f"tensor 'noise_scheduler.{name}' contains NaN or Inf")
+    schedule = {name: state[f"noise_scheduler.{name}"] for name in SCHEDULE_BUFFERS}
     # Strided sampling recomputes the cosine schedule in float64 (see diffusion.py), so the
     # file's own schedule must be that one, up to its fp16 rounding.
     cosine = cosine_alphas_cumprod(num_timesteps)
