@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .checkpoint import PRIOR_EMA_FP16_SHA256, sha256_of, sidecar_path, sidecar_sha256
@@ -285,8 +287,18 @@ INTERRUPTED = {  # only a download keeps what it had, to resume from
 }
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a container stopping), raised like Ctrl-C so the same clean-up runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         if args.command == "download":
             path = download(args.dest, args.revision)
@@ -298,9 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(INTERRUPTED[args.command], file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -321,15 +321,18 @@ def _fail_while_hashing_the_partial(monkeypatch, fail) -> list[bool]:
     return seen
 
 
-def test_convert_interrupted_by_ctrl_c_leaves_nothing(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_convert_interrupted_by_ctrl_c_leaves_nothing(tiny_checkpoint, tmp_path, capsys, monkeypatch, signum):
     import signal
 
+    signum = getattr(signal, signum)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # what a terminal's Ctrl-C reaches
     try:
-        seen = _fail_while_hashing_the_partial(monkeypatch, lambda: signal.raise_signal(signal.SIGINT))
-        assert weights.main(["convert", str(tiny_checkpoint), str(tmp_path / "new" / "x.safetensors")]) == 130
+        seen = _fail_while_hashing_the_partial(monkeypatch, lambda: signal.raise_signal(signum))
+        assert weights.main(["convert", str(tiny_checkpoint), str(tmp_path / "new" / "x.safetensors")]) == 128 + signum
     finally:
         signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # main() put the default back
     assert seen == [True]
     assert capsys.readouterr().err == "interrupted; nothing was written\n"
     assert list(tmp_path.iterdir()) == []  # no .partial, no sidecar, not even the folder
