@@ -27,6 +27,10 @@ class ArgumentError(Exception):
     """A bad argument; the message names it, the bound and what arrived."""
 
 
+class CommandError(Exception):
+    """A failure that is not a bad argument (a bad weights file): one line, exit 1."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's default prints the usage too: keep one line
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -161,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except CommandError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -190,18 +197,24 @@ def check_output_dir(out: Path) -> None:
         raise ArgumentError(f"argument --out: must be writable, got {str(out)!r} ({str(existing)!r} is not writable)")
 
 
-def run_embed(args: argparse.Namespace) -> int:
-    check_output_dir(args.out)
-    check_device(args.device)
+def load_for_sampling(args: argparse.Namespace):
+    """The Prior named by add_sampling_arguments' options, with args.steps resolved against it.
+    A bad weights file raises CommandError."""
     from .checkpoint import WeightsError  # heavy imports only once the arguments are good
     from .pipeline import load
 
     try:
         model = load(args.weights, device=args.device, dtype=args.dtype, expected_sha256=args.sha256)
     except WeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise CommandError(str(e)) from None
     args.steps = resolve_steps(args.steps, model.config.num_timesteps)
+    return model
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    check_output_dir(args.out)
+    check_device(args.device)
+    model = load_for_sampling(args)
 
     bar = _progress_bar(args.steps, disable=args.quiet)
     try:

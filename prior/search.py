@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import ArgumentError, add_sampling_arguments, check_device, int_in, prompt_text, resolve_steps
+from .cli import ArgumentError, add_sampling_arguments, check_device, int_in, load_for_sampling, prompt_text
 
 IMAGE_INDEX = "image.index"  # clip-retrieval's name for the image side
 LABEL_COLUMNS = ("caption", "prompt", "text", "TEXT", "url", "URL", "image_path")  # shown in the table
@@ -188,15 +188,7 @@ def run_search(args: argparse.Namespace) -> int:
     except IndexFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from .checkpoint import WeightsError
-    from .pipeline import load
-
-    try:
-        model = load(args.weights, device=args.device, dtype=args.dtype, expected_sha256=args.sha256)
-    except WeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    args.steps = resolve_steps(args.steps, model.config.num_timesteps)
+    model = load_for_sampling(args)
     if index.dim != model.config.dim:
         print(f"error: {index.path}: holds {index.dim}-dimensional embeddings, but this prior makes "
               f"{model.config.dim}-dimensional ones (an index of another CLIP model?)", file=sys.stderr)
