@@ -31,7 +31,9 @@ class CommandError(Exception):
     """A failure that is not a bad argument (a bad weights file): one line, exit 1."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """Every command's parser (prior.weights' too): a bad argument is one line on stderr, exit 2."""
+
     def error(self, message: str):  # argparse's default prints the usage too: keep one line
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -91,8 +93,13 @@ def prompt_text(text: str) -> str:
     return text
 
 
-def _sha256(text: str) -> str:
-    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+def is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def sha256_argument(text: str) -> str:
+    """--sha256, for every command that takes one."""
+    if not is_sha256(text):
         raise argparse.ArgumentTypeError(f"must be 64 hexadecimal digits, got {text!r}")
     return text.lower()
 
@@ -101,7 +108,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that samples."""
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
                         help="prior_ema_fp16.pth-format file, or its converted .safetensors (default: %(default)s)")
-    parser.add_argument("--sha256", type=_sha256, default=None, help="refuse the weights unless their SHA-256 is this")
+    parser.add_argument("--sha256", type=sha256_argument, default=None, help="refuse the weights unless their SHA-256 is this")
     parser.add_argument("--candidates", type=int_in(1, 32), default=2,
                         help="image embeddings sampled per prompt; the one closest to the text is kept (1..32, default 2)")
     parser.add_argument("--cond-scale", type=float_in(0, 5), default=1.0,
@@ -122,8 +129,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m prior", description="LAION's diffusion prior: text -> CLIP ViT-L/14 image embedding.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="python -m prior", description="LAION's diffusion prior: text -> CLIP ViT-L/14 image embedding.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     embed = commands.add_parser("embed", help="embed one prompt and write .npy files and result.json")
     embed.add_argument("prompt", metavar="PROMPT", type=prompt_text, help="the text to turn into an image embedding")

@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 
 from .checkpoint import PRIOR_EMA_FP16_SHA256, sha256_of, sidecar_path, sidecar_sha256
+from .cli import OneLineParser, is_sha256, sha256_argument
 
 HF_REPO = "laion/DALLE2-PyTorch"
 HF_FILENAME = "prior_ema_fp16.pth"
@@ -82,17 +83,6 @@ def _default_sha256(path: Path) -> tuple[str, str | None]:
     if recorded is None or not is_sha256(recorded):
         raise WeightsFileError(f"{sidecar}: does not hold a SHA-256 (64 hexadecimal digits)")
     return recorded, sidecar.name
-
-
-def is_sha256(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
-
-
-def sha256_argument(text: str) -> str:
-    """--sha256, checked as `python -m prior embed` checks it."""
-    if not is_sha256(text):
-        raise argparse.ArgumentTypeError(f"must be 64 hexadecimal digits, got {text!r}")
-    return text.lower()
 
 
 def download(dest: str | Path = WEIGHTS_DIR, revision: str = HF_REVISION,
@@ -254,13 +244,8 @@ def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = 
     return dst
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's default prints the usage too: keep one line
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m prior.weights", description="Fetch, check and convert the prior's weights.")
+    parser = OneLineParser(prog="python -m prior.weights", description="Fetch, check and convert the prior's weights.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     fetch = commands.add_parser("download", help=f"fetch {HF_FILENAME} from Hugging Face {HF_REPO} and verify it")
