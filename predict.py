@@ -21,8 +21,8 @@ from cog import BaseModel, BasePredictor, Input, Path
 
 import prior
 from prior.checkpoint import converted_from
+from prior.serve import WEIGHTS_ENV  # a weights file to use instead of weights/prior_ema_fp16.pth
 
-WEIGHTS_ENV = "PRIOR_WEIGHTS"  # a weights file to use instead of weights/prior_ema_fp16.pth
 DEFAULT_WEIGHTS = FilePath(__file__).resolve().parent / "weights" / "prior_ema_fp16.pth"
 
 

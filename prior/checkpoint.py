@@ -143,7 +143,7 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Wei
     stray = next((k for k in state if not k.startswith(_TOP_LEVEL)), None)
     if stray is not None:
         raise WeightsError(path, f"unexpected tensor {stray!r} (not a dalle2-pytorch 0.11.5 DiffusionPrior layout)")
-    for name, tensor in [*prior_state.items(), *text_state.items(), *schedule.items()]:
+    for name, tensor in [*prior_state.items(), *text_state.items()]:  # the schedule: in _split_schedule
         if not converted and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WeightsError(path, f"tensor {name!r} contains NaN or Inf")
     return Weights(prior_config, text_config, prior_state, text_state, schedule, path, sha256)
