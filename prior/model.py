@@ -47,6 +47,12 @@ class PriorConfig:
     rel_pos_max_distance: int = 128
 
 
+def lookup_table(rows: int, dim: int) -> nn.Embedding:
+    """nn.Embedding without its random init: the weights always come from the file, and on the
+    meta device (where `_build` constructs) init's normal_ imports torch._dynamo, 1 s of start-up."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with a gain and a bias, eps 1e-5 (0.11.5 keeps the bias as a buffer)."""
 
@@ -170,9 +176,9 @@ class PriorNetwork(nn.Module):
     def __init__(self, cfg: PriorConfig):
         super().__init__()
         self.cfg = cfg
-        self.time_embed = nn.Embedding(cfg.num_timesteps, cfg.dim)
+        self.time_embed = lookup_table(cfg.num_timesteps, cfg.dim)
         self.learned_query = nn.Parameter(torch.zeros(cfg.dim))
-        self.rel_pos_bias = nn.Embedding(cfg.rel_pos_buckets, cfg.heads)
+        self.rel_pos_bias = lookup_table(cfg.rel_pos_buckets, cfg.heads)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm_out = LayerNorm(cfg.dim)
         self.project_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
