@@ -7,7 +7,7 @@
 # The GPU machine is x86-64 with Python 3.12 and, usually, torch with CUDA preinstalled,
 # and no internet. So:
 # 1. python3 with its CUDA torch as it is; the oracle (dalle2-pytorch 0.11.5 and friends)
-#    and open-clip-torch, which the image lacks, go to /tmp/prior-bench-site on PYTHONPATH,
+#    and ftfy, which the image lacks, go to /tmp/prior-bench-site on PYTHONPATH,
 #    from the wheels in bench/cache/wheels when present (carry that folder along), else
 #    from the index. Nothing is installed when they all import already;
 # 2. without a CUDA torch: a venv in /tmp with requirements-test.txt from the index;
@@ -20,7 +20,7 @@ wheels=bench/cache/wheels
 # Pure-Python packages (wcwidth is abi3) the GPU image lacks, at the pins of requirements-test.txt.
 oracle_pins=(dalle2-pytorch==0.11.5 rotary-embedding-torch==0.1.5 clip-anytorch==2.4.0 einops==0.4.1
   einops-exts==0.0.3 x-clip==0.7.0 coca-pytorch==0.0.6 ema-pytorch==0.0.8 vector-quantize-pytorch==0.7.3
-  kornia==0.6.5 setuptools==80.9.0 open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 resize-right==0.0.2)
+  kornia==0.6.5 setuptools==80.9.0 ftfy==6.3.1 wcwidth==0.9.4 resize-right==0.0.2)
 
 if [ "${1:-}" = --fetch-wheels ]; then
   mkdir -p "$wheels"
@@ -54,21 +54,21 @@ else
 fi
 
 # What the benchmark imports: install the pins only if one of them does not import.
-if ! "$py" -c 'import dalle2_pytorch, open_clip, clip, rotary_embedding_torch, pkg_resources' 2>/dev/null; then
+if ! "$py" -c 'import dalle2_pytorch, clip, ftfy, rotary_embedding_torch, pkg_resources' 2>/dev/null; then
   if [ -d "$wheels" ]; then
-    stamp "installing the oracle and open-clip from $wheels"
+    stamp "installing the oracle from $wheels"
     "${install[@]}" --no-index --no-deps "$wheels"/*.whl
   else
-    stamp "installing the oracle and open-clip from the index"
+    stamp "installing the oracle from the index"
     "${install[@]}" "${oracle_pins[@]}"
   fi
 fi
 "$py" - <<'EOF'
 import warnings
 warnings.filterwarnings("ignore")
-import torch, open_clip, dalle2_pytorch, prior  # noqa: F401  (fails loudly here, not half-way)
+import torch, dalle2_pytorch, prior  # noqa: F401  (fails loudly here, not half-way)
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}; "
-      f"open_clip {open_clip.__version__}; prior {prior.__version__}")
+      f"prior {prior.__version__}")
 EOF
 "$py" -m pip freeze --all > "$OUT/pip-freeze.txt" 2>/dev/null || true
 

@@ -94,7 +94,7 @@ class Weights:
     prior_config: PriorConfig
     text_config: TextConfig
     prior_state: dict[str, torch.Tensor]  # our PriorNetwork's names
-    text_state: dict[str, torch.Tensor]  # open-clip TextTransformer's names
+    text_state: dict[str, torch.Tensor]  # OpenAI CLIP's names, as in text.TextEncoder
     schedule: dict[str, torch.Tensor]  # noise_scheduler buffers, by short name
     path: Path
     sha256: str | None

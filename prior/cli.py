@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 2 a bad argument (one line on stderr naming it, the bound and the
 value); 1 a bad weights file or any other failure (one line naming the file and the problem).
-Heavy imports (torch, open-clip) happen after the arguments are checked, so mistakes are quick.
+Heavy imports (torch) happen after the arguments are checked, so mistakes are quick.
 """
 
 from __future__ import annotations
@@ -253,7 +253,6 @@ def _progress_bar(total: int, disable: bool):
 def result_record(result, model, row: int = 0) -> dict:
     """The JSON description of one prompt's result."""
     import numpy
-    import open_clip
     import torch
 
     from . import __version__
@@ -278,7 +277,6 @@ def result_record(result, model, row: int = 0) -> dict:
         "versions": {
             "conditioned_prior": __version__,
             "torch": torch.__version__,
-            "open_clip": open_clip.__version__,
             "numpy": numpy.__version__,
             "python": platform.python_version(),
         },

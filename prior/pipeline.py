@@ -69,8 +69,7 @@ class Prior:
         self.tokenizer = Tokenizer(self.text_config.context_length)
         self.network = _build(PriorNetwork, self.config, weights.prior_state, weights.path, device, dtype)
         # The text tower runs once per call; float32 keeps the conditioning exact on every path.
-        self.text = _build(TextEncoder, self.text_config, {f"tower.{k}": v for k, v in weights.text_state.items()},
-                           weights.path, device, torch.float32)
+        self.text = _build(TextEncoder, self.text_config, weights.text_state, weights.path, device, torch.float32)
         self.schedule_buffers = {k: v.float().to(device) for k, v in weights.schedule.items()}
         self.image_embed_scale = self.config.dim**0.5
         self.load_seconds = 0.0

@@ -1,22 +1,37 @@
-"""CLIP text side: OpenAI's BPE tokenizer and the ViT-L/14 text tower, through open-clip.
+"""CLIP text side: OpenAI's BPE tokenizer and the ViT-L/14 text tower, in plain torch.
 
 `encode` returns, explicitly, everything the prior needs from CLIP: the raw text embedding
 (encode_text's output), its L2-normalised copy, the 77 final-LayerNorm states and the mask.
 dalle2-pytorch 0.11.5 captured the states with a forward hook; here they are simply the
 tower's intermediate value.
+
+Both halves are written here rather than imported from open-clip: importing open-clip pulls
+in torchvision and timm, which cost more start-up time than loading the weights. The module
+names match OpenAI's CLIP, so the checkpoint's `clip.clip.*` text tensors load as they are.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import heapq
+import html
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
 
+import ftfy
 import regex
 import torch
 import torch.nn.functional as F
-from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
+
+from .model import lookup_table
+
+VOCAB_FILE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"  # OpenAI's, see data/LICENSE-CLIP
+VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+START, END = "<|startoftext|>", "<|endoftext|>"
 
 
 @dataclass(frozen=True)
@@ -37,55 +52,192 @@ class TextFeatures:
     mask: torch.Tensor  # (B, 77) bool, tokens != 0
 
 
+# -- tokenizer ---------------------------------------------------------------------------------
+
+# A word is a special-token name, an English contraction, a run of letters, one digit, or a
+# run of other non-space characters. Matched on lower-cased text.
+_WORD = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+",
+                      regex.IGNORECASE)
+_SPACES = regex.compile(r"\s+")  # the `regex` module's \s, as OpenAI's tokenizer uses
+
+
+@cache
+def _byte_symbols() -> list[str]:
+    """One printable character per byte value, the table GPT-2's byte-level BPE uses: bytes that
+    are printable Latin-1 stand for themselves, the other 68 take the characters from U+0100 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def _read_merges(vocab_size: int) -> list[tuple[str, str]]:
+    data = VOCAB_FILE.read_bytes()
+    if hashlib.sha256(data).hexdigest() != VOCAB_SHA256:
+        raise RuntimeError(f"{VOCAB_FILE}: not OpenAI's CLIP vocabulary (SHA-256 differs); reinstall the package")
+    lines = gzip.decompress(data).decode("utf-8").split("\n")
+    # line 0 is a version header; the vocabulary is 2 x 256 byte symbols, the merges, and 2 specials
+    return [tuple(line.split()) for line in lines[1 : 1 + vocab_size - 512 - 2]]
+
+
 class Tokenizer:
     """OpenAI CLIP tokenization: `clip.tokenize(texts, truncate=True)`, and whether it truncated."""
 
-    def __init__(self, context_length: int = 77):
+    def __init__(self, context_length: int = 77, vocab_size: int = 49408):
         self.context_length = context_length
-        self._bpe = _openai_special_tokens(SimpleTokenizer(context_length=context_length))
+        self.byte_symbols = _byte_symbols()
+        merges = _read_merges(vocab_size)
+        self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
+        # Ids: the 256 byte symbols in code-point order (printable bytes first), the same with the
+        # end-of-word mark, one per merge in rank order, then the two special tokens.
+        singles = sorted(self.byte_symbols)
+        vocab = [*singles, *(s + "</w>" for s in singles), *("".join(m) for m in merges), START, END]
+        self.token_id = {piece: i for i, piece in enumerate(vocab)}
+        self.start_id, self.end_id = self.token_id[START], self.token_id[END]
+        # per-word results; bounded, so that a server fed endless new words keeps its memory
+        self._pieces = lru_cache(maxsize=1 << 16)(self._merge)
 
     def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
         """(B, 77) int64 tokens; over-long prompts are cut, keeping the end token last."""
-        tokens = self._bpe(list(prompts), context_length=self.context_length)
-        # start + BPE tokens + end: longer than the context means the tail was cut
-        truncated = [len(self._bpe.encode(p)) + 2 > self.context_length for p in prompts]
+        tokens = torch.zeros(len(prompts), self.context_length, dtype=torch.long)
+        truncated = []
+        for row, prompt in enumerate(prompts):
+            # context_length - 1 text tokens already mean "cut": no need to read further
+            ids = [self.start_id, *self.encode(prompt, enough=self.context_length - 1), self.end_id]
+            truncated.append(len(ids) > self.context_length)
+            ids = ids[: self.context_length]
+            ids[-1] = self.end_id
+            tokens[row, : len(ids)] = torch.tensor(ids)
         return tokens, truncated
 
+    def encode(self, text: str, enough: int | None = None) -> list[int]:
+        """BPE token ids of one text, without the start and end tokens; with `enough`, stops
+        after the word that reaches that many (words are encoded independently, so the ids
+        up to there are the same)."""
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()  # OpenAI's "basic_clean"
+        text = _SPACES.sub(" ", text).strip().lower()
+        ids = []
+        for match in _WORD.finditer(text):
+            word = match.group()
+            if word in (START, END):  # typed special-token names are those tokens, as in OpenAI's
+                ids.append(self.token_id[word])
+            else:
+                symbols = "".join(self.byte_symbols[b] for b in word.encode("utf-8"))
+                ids.extend(self.token_id[piece] for piece in self._pieces(symbols))
+            if enough is not None and len(ids) >= enough:
+                break
+        return ids
 
-def _openai_special_tokens(bpe: SimpleTokenizer) -> SimpleTokenizer:
-    """Make open-clip's BPE read special tokens as OpenAI's `clip` does: the text
-    '<|startoftext|>' / '<|endoftext|>' (any case) is the start / end token, and open-clip's own
-    '<start_of_text>' / '<end_of_text>' are plain text."""
-    for openai, open_clip in (("<|startoftext|>", "<start_of_text>"), ("<|endoftext|>", "<end_of_text>")):
-        bpe.encoder[openai] = bpe.encoder.pop(open_clip)
-        bpe.cache.pop(open_clip, None)
-        bpe.cache[openai] = openai
-    bpe.pat = regex.compile(
-        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-        regex.IGNORECASE,
-    )
-    return bpe
+    def _merge(self, word: str) -> tuple[str, ...]:
+        """Byte-pair merges of one word: the known adjacent pair of lowest rank, every occurrence
+        left to right, then the next rank, until no known pair is left.
+
+        OpenAI's loop rescans the word for every merge, quadratic in its length (a 32,000-letter
+        word took 22 s). Here a heap of (rank, position) gives the same merges in n log n: a
+        merged pair only ever forms pairs of higher rank (BPE learned it after its parts), so
+        taking the lowest entry, leftmost first, is the same order."""
+        parts: list[str | None] = [*word[:-1], word[-1] + "</w>"]  # the last symbol carries end-of-word
+        n = len(parts)
+        after, before = list(range(1, n + 1)), list(range(-1, n - 1))  # a linked list over `parts`
+        heap = []
+
+        def push(i: int) -> None:  # the pair starting at part i, if it is a known merge
+            if 0 <= i and after[i] < n and (rank := self.merge_rank.get((parts[i], parts[after[i]]))) is not None:
+                heapq.heappush(heap, (rank, i))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            if parts[i] is None or after[i] >= n or self.merge_rank.get((parts[i], parts[after[i]])) != rank:
+                continue  # stale: a part of this pair was merged into another since
+            j = after[i]
+            parts[i], parts[j] = parts[i] + parts[j], None
+            after[i] = after[j]
+            if after[i] < n:
+                before[after[i]] = i
+            push(before[i])
+            push(i)
+        return tuple(p for p in parts if p is not None)
+
+
+# -- text tower ----------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """nn.MultiheadAttention's parameters (the file's names), computed with SDPA and a causal mask."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.width, cfg.width))  # q, k, v stacked
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * cfg.width))
+        self.out_proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (z.view(b, n, self.heads, w // self.heads).transpose(1, 2) for z in (q, k, v))  # (B, H, n, w/H)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, n, w/H)
+        return self.out_proj(attended.transpose(1, 2).reshape(b, n, w))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.width, 4 * cfg.width)
+        self.c_proj = nn.Linear(4 * cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.c_fc(x)
+        return self.c_proj(hidden * torch.sigmoid(1.702 * hidden))  # QuickGELU, as CLIP was trained
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LayerNorm block of OpenAI's CLIP."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.width)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
 
 
 class TextEncoder(nn.Module):
+    """The text half of OpenAI's CLIP, named as in the checkpoint under `clip.clip.`."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.tower = TextTransformer(
-            context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width,
-            heads=cfg.heads, layers=cfg.layers, output_dim=cfg.embed_dim, act_layer=QuickGELU,
-        )
-        del self.tower.attn_mask  # not in the file; built per call below (a 77x77 triangle)
+        self.token_embedding = lookup_table(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg)
+        self.ln_final = nn.LayerNorm(cfg.width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.embed_dim))
 
     @torch.no_grad()
     def encode(self, tokens: torch.Tensor) -> TextFeatures:
-        tower = self.tower
-        dtype = tower.token_embedding.weight.dtype
-        x = tower.token_embedding(tokens) + tower.positional_embedding.to(dtype)
-        n = tokens.shape[1]
-        causal = torch.full((n, n), float("-inf"), device=tokens.device, dtype=dtype).triu(1)
-        x = tower.transformer(x, attn_mask=causal)
-        states = tower.ln_final(x)  # (B, 77, W)
+        """tokens (B, 77) -> TextFeatures; runs in the tower's own dtype."""
+        x = self.token_embedding(tokens) + self.positional_embedding  # (B, 77, W)
+        for block in self.transformer.resblocks:
+            x = block(x)
+        states = self.ln_final(x)  # (B, 77, W)
         end = tokens.argmax(dim=-1)  # the end token has the largest id
-        raw = states[torch.arange(len(tokens), device=tokens.device), end] @ tower.text_projection
+        raw = states[torch.arange(len(tokens), device=tokens.device), end] @ self.text_projection
         return TextFeatures(raw=raw, embed=F.normalize(raw.float(), dim=-1), states=states, mask=tokens != 0)

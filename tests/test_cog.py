@@ -76,15 +76,15 @@ def test_container_torch_pin_is_one_cog_knows():
     cuda = _cog_yaml()["build"]["cuda"]
     known = [e for e in table if e["Torch"] == f"{pins['torch']}+cu{cuda.replace('.', '')}"]
     assert known, f"torch {pins['torch']} with CUDA {cuda} is not in cog's table"
-    assert known[0]["CUDA"] == cuda and known[0]["Torchvision"] == pins["torchvision"]
+    assert known[0]["CUDA"] == cuda
     assert "3.11" in known[0]["Pythons"]
 
 
 def test_container_pins_match_the_runtime_pins():
-    """Only torch/torchvision may differ (see requirements-cog.txt); cog comes from build.sdk_version."""
+    """Only torch may differ (see requirements-cog.txt); cog comes from build.sdk_version."""
     runtime = _pins(ROOT / "requirements.txt")
     container = _pins(ROOT / _cog_yaml()["build"]["python_requirements"])
-    differ = {"torch", "torchvision", "cog"}
+    differ = {"torch", "cog"}
     assert {k: v for k, v in container.items() if k not in differ} == {k: v for k, v in runtime.items() if k not in differ}
     assert _cog_yaml()["build"]["sdk_version"] == runtime["cog"]
 

@@ -28,7 +28,7 @@ import prior
 import prior.cli
 
 ROOT = Path(__file__).resolve().parent.parent
-STARTUP_SECONDS = 180  # importing torch and open-clip on a busy 2-core machine takes a while
+STARTUP_SECONDS = 180  # importing torch and cog on a busy 2-core machine takes a while
 
 
 def _free_port() -> int:

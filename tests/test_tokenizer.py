@@ -1,8 +1,9 @@
 """Our tokenizer against the original's: `clip.tokenize(prompt, truncate=True)` (clip-anytorch).
 
-The original predictor tokenized with OpenAI's `clip` package; we tokenize with open-clip.
-Both are the same BPE, but they differ in details that only awkward text reaches, so the
-corpus below is built to reach them: Unicode of every kind, "!" runs (token id 0, masked
+The original predictor tokenized with OpenAI's `clip` package; prior/text.py has its own
+implementation of the same BPE (importing a CLIP package costs seconds of start-up). Details
+that only awkward text reaches are where tokenizers part, so the corpus below is built to
+reach them: Unicode of every kind, "!" runs (token id 0, masked
 like padding by 0.11.5), odd whitespace, HTML entities, mojibake, the special-token names of
 both libraries, and prompts far over 77 tokens. Part of it is generated from a fixed seed.
 """
@@ -159,6 +160,36 @@ def test_batch_equals_one_by_one():
                                     "x <start_of_text> y"])
 def test_special_token_names_are_read_as_clip_reads_them(prompt):
     """clip reads the text '<|endoftext|>' (any case) as the end token and '<end_of_text>' as
-    plain punctuation and letters; open-clip's own names are the other way round."""
+    plain punctuation and letters (open-clip's tokenizer reads them the other way round)."""
     tokens, _ = Tokenizer()([prompt])
     assert tokens[0].tolist() == original_tokens([prompt])[0].tolist()
+
+
+def _long_words() -> list[str]:
+    rng = random.Random(7)
+    return [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3000)),  # rescanned per merge: slow in OpenAI's
+        "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(800)),  # 3 bytes a character
+        "".join(chr(rng.randrange(0x21, 0x2FFF)) for _ in range(1500)),  # byte soup, unknown pairs
+        "ab" * 1500, "a" * 3001, "the" * 1000, "ing" * 777 + "s",
+        "".join(rng.choice(["the", "cat", "photo", "ing", "ed", "s", "anti", "dis", "ment"]) for _ in range(1000)),
+    ]
+
+
+@pytest.mark.parametrize("word", _long_words(), ids=lambda w: f"{w[:6]}..x{len(w)}")
+def test_merges_equal_openai_bpe_on_whole_long_words(word):
+    """Our heap-ordered merges against OpenAI's rescanning loop, on one word's entire result."""
+    from clip.simple_tokenizer import SimpleTokenizer
+
+    ours = Tokenizer()
+    symbols = "".join(ours.byte_symbols[b] for b in word.encode("utf-8"))
+    assert " ".join(ours._merge(symbols)) == SimpleTokenizer().bpe(symbols)
+
+
+def test_a_huge_prompt_is_read_only_as_far_as_77_tokens_need():
+    """An 800,000-character prompt: the same tokens and flag as clip.tokenize, which encodes all of it."""
+    rng = random.Random(3)
+    prompt = " ".join("".join(rng.choice("abcdefghij") for _ in range(7)) for _ in range(100_000))
+    tokens, truncated = Tokenizer()([prompt, "x " * 74, "x " * 75, "x " * 76])
+    assert torch.equal(tokens, original_tokens([prompt, "x " * 74, "x " * 75, "x " * 76]))
+    assert truncated == [True, False, False, True]
