@@ -6,7 +6,8 @@ contract (replay recomputes from the captured tensors and writes into the captur
 so these tests catch what GraphedDenoiser must get right on a GPU: copying each call's
 inputs into the buffers, padding conditions to the static length, one graph per row count,
 not handing out a buffer the next replay overwrites, and falling back to eager on failure.
-What they cannot catch is a kernel that refuses capture; bench/gpu.sh runs the real thing.
+A meta-device run checks that the step holds no host sync (which capture refuses). What they
+cannot catch is a kernel that refuses capture for its own reasons; bench/gpu.sh runs the real thing.
 """
 
 from __future__ import annotations
@@ -146,3 +147,21 @@ def test_a_failed_capture_runs_eagerly_and_says_so_once(model, monkeypatch, caps
     assert graphed.failed
     err = capsys.readouterr().err
     assert err.count("CUDA graph capture failed, running eagerly") == 1
+
+
+@pytest.mark.parametrize("rows", [2, 8])
+def test_the_captured_step_needs_no_data_on_the_host(rows):
+    """A CUDA graph cannot hold a host sync (`.item()`, `nonzero`, a shape taken from values, a
+    CPU->GPU copy): capture fails there. A meta tensor has no data at all, so a step that runs on
+    the meta device, full-size and padded as GraphedDenoiser pads it, has none of those."""
+    from prior.model import PREFIX_LEN, STEP_LEN, Condition, PriorConfig, PriorNetwork
+
+    cfg = PriorConfig()
+    with torch.device("meta"):
+        network = PriorNetwork(cfg).half()
+        keys = torch.empty(cfg.depth, rows, 1 + PREFIX_LEN, cfg.dim_head, dtype=torch.half)
+        bias = torch.empty(rows, cfg.heads, STEP_LEN, 1 + PREFIX_LEN + STEP_LEN, dtype=torch.half)
+        x = torch.empty(rows, cfg.dim, dtype=torch.half)
+        t = torch.empty(rows, dtype=torch.long)
+        out = network.denoise(Condition(keys, keys.clone(), bias), x, t)
+    assert out.device.type == "meta" and out.shape == (rows, cfg.dim) and out.dtype == torch.half
