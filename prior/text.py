@@ -146,15 +146,20 @@ class Tokenizer:
         after, before = list(range(1, n + 1)), list(range(-1, n - 1))  # a linked list over `parts`
         heap = []
 
-        def push(i: int) -> None:  # the pair starting at part i, if it is a known merge
-            if 0 <= i and after[i] < n and (rank := self.merge_rank.get((parts[i], parts[after[i]]))) is not None:
+        def rank_at(i: int) -> int | None:  # the merge rank of the pair starting at live part i, if known
+            if i < 0 or parts[i] is None or after[i] >= n:
+                return None
+            return self.merge_rank.get((parts[i], parts[after[i]]))
+
+        def push(i: int) -> None:
+            if (rank := rank_at(i)) is not None:
                 heapq.heappush(heap, (rank, i))
 
         for i in range(n - 1):
             push(i)
         while heap:
             rank, i = heapq.heappop(heap)
-            if parts[i] is None or after[i] >= n or self.merge_rank.get((parts[i], parts[after[i]])) != rank:
+            if rank_at(i) != rank:
                 continue  # stale: a part of this pair was merged into another since
             j = after[i]
             parts[i], parts[j] = parts[i] + parts[j], None
