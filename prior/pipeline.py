@@ -25,7 +25,8 @@ from . import DEFAULT_STEPS
 from .checkpoint import Weights, WeightsError, read_checkpoint
 from .diffusion import SAMPLERS, ddim_sample, ddpm_sample, make_schedule
 from .graphs import GraphedDenoiser
-from .model import Condition, PriorNetwork
+from .model import STEP_LEN, Condition, PriorNetwork
+from .packed import pack_linears
 from .text import TextEncoder, Tokenizer
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "prior_ema_fp16.pth"
@@ -62,7 +63,8 @@ class EmbedResult:
 class Prior:
     """A loaded prior. Build it with `load()`; call `embed()` as often as you like."""
 
-    def __init__(self, weights: Weights, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True):
+    def __init__(self, weights: Weights, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True,
+                 packed_weights: bool = True):
         self.device, self.dtype = device, dtype
         self.config, self.text_config = weights.prior_config, weights.text_config
         self.weights_path, self.weights_sha256 = weights.path, weights.sha256
@@ -73,7 +75,9 @@ class Prior:
         self.schedule_buffers = {k: v.float().to(device) for k, v in weights.schedule.items()}
         self.image_embed_scale = self.config.dim**0.5
         self.load_seconds = 0.0
-        # One step: eager on CPU; on a GPU a captured CUDA graph (launch overhead dominates there).
+        # One step: on a CPU, eager over weights prepacked for oneDNN (weight streaming dominates
+        # there); on a GPU, a captured CUDA graph (launch overhead dominates there).
+        self.packed = packed_weights and device.type == "cpu" and pack_linears(self.network, rows=2 * STEP_LEN)
         use_graphs = cuda_graphs and device.type == "cuda"
         self._denoise_step = GraphedDenoiser(self.network) if use_graphs else self.network.denoise
 
@@ -192,10 +196,12 @@ def load(
     dtype: str | torch.dtype | None = None,
     expected_sha256: str | None = None,
     cuda_graphs: bool = True,
+    packed_weights: bool = True,
 ) -> Prior:
     """Load a prior_ema_fp16.pth-format file or its converted .safetensors. Defaults: cuda
     if present, else cpu; float16 on cuda (the original ran under fp16 autocast), float32
-    on cpu. `cuda_graphs` replays each step as a captured CUDA graph. Raises WeightsError."""
+    on cpu. `cuda_graphs` replays each step as a captured CUDA graph; `packed_weights` runs the
+    network's matmuls on weights prepacked for oneDNN on a CPU. Raises WeightsError."""
     started = time.perf_counter()
     device = _device(device)
     if dtype is None:
@@ -204,7 +210,7 @@ def load(
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    prior = Prior(read_checkpoint(weights, expected_sha256), device, dtype, cuda_graphs)
+    prior = Prior(read_checkpoint(weights, expected_sha256), device, dtype, cuda_graphs, packed_weights)
     prior.load_seconds = time.perf_counter() - started
     return prior
 
