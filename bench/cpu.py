@@ -11,6 +11,8 @@ the best of the repeats reported (the machine is shared: noise only ever adds ti
 - one network step at batch 2 and 4, with and without guidance. The oracle's step is
   `net.forward_with_cond_scale` (all 81 tokens, the guided passes one after the other);
   ours is `network.denoise` on the prebuilt Condition (3 tokens, cond + null in one batch).
+  Ours float32 is also timed with its weights not prepacked for oneDNN (prior/packed.py),
+  to show what the packing is worth on this machine.
 - the one-off per-prompt cost: text tower, and for us the Condition (KV cache of 78 tokens).
 - whole predictions (1 prompt, 2 candidates) at 64 and 1000 steps through `Prior.embed`.
   The oracle's are its text encoding plus its per-step time, measured on the first
@@ -66,6 +68,7 @@ TARGET_STEP_GUIDED = 1.8  # float32 per step, cond_scale != 1
 TARGET_BF16 = 2.5  # bfloat16 per step
 TARGET_BF16_COSINE = 0.999  # bfloat16 chosen embedding vs float32, same seed
 TARGET_LOAD_FRACTION = 1 / 3  # load from the converted file vs the oracle's load
+UNPACKED = "float32_unpacked"  # the step rows' extra column: plain nn.Linear, no oneDNN prepacking
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,6 +101,7 @@ class Bench:
         self.rows: list[dict] = []
         self.deviations: list[dict] = []
         self.models: dict[str, prior.Prior] = {}
+        self.unpacked: prior.Prior | None = None  # float32 with plain nn.Linear weights (step rows only)
         self.oracle = None
 
     @property
@@ -160,6 +164,9 @@ class Bench:
         for dtype in self.dtypes:
             self.log(f"loading ours ({dtype})")
             self.models[dtype] = prior.load(self.weights, device="cpu", dtype=dtype)
+        if getattr(self.models["float32"], "packed", False):  # what prepacking the weights is worth, same run
+            self.log("loading ours (float32, weights not prepacked)")
+            self.unpacked = prior.load(self.weights, device="cpu", dtype="float32", packed_weights=False)
         self.log("loading the oracle (float32)")
         self.oracle = load_oracle(self.weights, oracle_shape(self.shape))
 
@@ -189,6 +196,8 @@ class Bench:
                 x, t, cond_scale=cond_scale, text_embed=oracle_cond["text_embed"],
                 text_encodings=oracle_cond["text_encodings"], mask=oracle_cond["mask"].clone())
 
+        if self.unpacked is not None:
+            denoisers[UNPACKED] = self.unpacked._denoiser(text.states, text.embed, text.mask, 2, cond_scale, "original")
         calls = {"oracle": oracle_step, **{d: (lambda f=f: f(x, t, 0)) for d, f in denoisers.items()}}
         timings = time_interleaved(calls, repeats=self.args.repeats)
         self.add_row("step", label, timings["oracle"].best, {d: timings[d].best for d in denoisers},
@@ -196,6 +205,9 @@ class Bench:
 
         out_oracle = oracle_step()
         out = {d: f(x, t, 0) for d, f in denoisers.items()}
+        if UNPACKED in out:
+            self.add_deviation(f"ours float32 vs ours float32 weights not prepacked, one {label}", out["float32"],
+                               out[UNPACKED], batch=batch, cond_scale=cond_scale)
         self.add_deviation(f"ours float32 vs oracle, one {label}", out["float32"], out_oracle,
                            batch=batch, cond_scale=cond_scale)
         if "bfloat16" in out:
@@ -328,12 +340,17 @@ def show(rows: list[dict], deviations: list[dict], footprints: list[dict], goals
     headers = ["measure", "oracle", "ours f32", "f32 speed-up"]
     if "bfloat16" in dtypes:
         headers += ["ours bf16", "bf16 speed-up"]
+    unpacked = any(f"ours_{UNPACKED}_s" in r for r in rows)
+    if unpacked:
+        headers += ["f32 not prepacked", "its speed-up"]
     headers.append("note")
     table = []
     for r in rows:
         line = [r["name"], fmt_seconds(r["oracle_s"]), fmt_seconds(r.get("ours_float32_s")), fmt_ratio(r.get("ratio_float32"))]
         if "bfloat16" in dtypes:
             line += [fmt_seconds(r.get("ours_bfloat16_s")), fmt_ratio(r.get("ratio_bfloat16"))]
+        if unpacked:
+            line += [fmt_seconds(r.get(f"ours_{UNPACKED}_s")), fmt_ratio(r.get(f"ratio_{UNPACKED}"))]
         table.append([*line, r["note"]])
     print()
     print_table(headers, table)
