@@ -215,7 +215,8 @@ class PriorNetwork(nn.Module):
     ) -> Condition:
         """Run the step-independent tokens once.
 
-        text_states (B, 77, D), text_embed (B, D) normalised, text_mask (B, 77) bool,
+        text_states (B, n, D) with n <= 77 (the text tower stops at the last end token),
+        text_embed (B, D) normalised, text_mask (B, n) bool,
         keep (B,) bool: False drops the condition (classifier-free guidance's null pass).
 
         A prefix position whose key no row attends influences nothing: no query ever sees
@@ -224,7 +225,7 @@ class PriorNetwork(nn.Module):
         instead of 78; for the unconditional pass it is none at all.
         """
         b, dtype, device = text_states.shape[0], text_states.dtype, text_states.device
-        text_keys = text_mask & keep[:, None]  # (B, 77) text positions attended by anyone
+        text_keys = text_mask & keep[:, None]  # (B, n) text positions attended by anyone
         attended = text_keys.any(dim=0).nonzero()
         used = int(attended.max()) + 1 if len(attended) else 0
         with_embed = bool(keep.any())

@@ -48,8 +48,8 @@ class TextConfig:
 class TextFeatures:
     raw: torch.Tensor  # (B, E) encode_text output, not normalised
     embed: torch.Tensor  # (B, E) L2-normalised: what conditions the prior
-    states: torch.Tensor  # (B, 77, W) ln_final outputs at every position
-    mask: torch.Tensor  # (B, 77) bool, tokens != 0
+    states: torch.Tensor  # (B, n, W) ln_final outputs up to the batch's last end token (n <= 77)
+    mask: torch.Tensor  # (B, n) bool, tokens != 0: the prior attends to no position beyond n
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
@@ -238,11 +238,17 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, tokens: torch.Tensor) -> TextFeatures:
-        """tokens (B, 77) -> TextFeatures; runs in the tower's own dtype."""
-        x = self.token_embedding(tokens) + self.positional_embedding  # (B, 77, W)
+        """tokens (B, 77) -> TextFeatures; runs in the tower's own dtype.
+
+        Attention is causal, so no position sees the ones after it: the tower runs only up to
+        the batch's last end token (n positions). The padding after it, which the prior masks
+        and never reads, is not computed: a short prompt costs a few positions, not 77.
+        """
+        end = tokens.argmax(dim=-1)  # the end token has the largest id
+        n = int(end.max()) + 1
+        x = self.token_embedding(tokens[:, :n]) + self.positional_embedding[:n]  # (B, n, W)
         for block in self.transformer.resblocks:
             x = block(x)
-        states = self.ln_final(x)  # (B, 77, W)
-        end = tokens.argmax(dim=-1)  # the end token has the largest id
+        states = self.ln_final(x)  # (B, n, W)
         raw = states[torch.arange(len(tokens), device=tokens.device), end] @ self.text_projection
-        return TextFeatures(raw=raw, embed=F.normalize(raw.float(), dim=-1), states=states, mask=tokens != 0)
+        return TextFeatures(raw=raw, embed=F.normalize(raw.float(), dim=-1), states=states, mask=tokens[:, :n] != 0)

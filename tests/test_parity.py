@@ -116,21 +116,29 @@ def test_embed_matches_oracle(models, oracles, oracle_embedding, name, prompt, c
     assert_close_relative(result.image_embedding, oracle_embedding(name, prompt, candidates, cond_scale, seed))
 
 
+def assert_text_features_match(ours, tokens: torch.Tensor, raw, states, mask) -> None:
+    """Our TextFeatures against the oracle's (raw, 77 states, mask): the tower stops at the
+    batch's last end token, and the oracle's mask attends nothing after it."""
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    assert ours.states.shape[1] == n and not mask[:, n:].any()
+    assert_close_relative(ours.raw, raw)
+    assert_close_relative(ours.states, states[:, :n])
+    assert torch.equal(ours.mask, mask[:, :n])
+
+
+@pytest.mark.parametrize("prompts", [TEXT_PROMPTS, TEXT_PROMPTS[:-1]], ids=["with-truncated", "short"])
 @pytest.mark.parametrize("name", list(TINY_SHAPES))
-def test_text_features_match_oracle(models, oracles, name):
+def test_text_features_match_oracle(models, oracles, name, prompts):
     """Tokens, raw embedding, final-LayerNorm states and mask for a batch of awkward prompts."""
     model = models(name)
-    tokens = clip.tokenize(TEXT_PROMPTS, truncate=True)
+    tokens = clip.tokenize(prompts, truncate=True)
     raw, states, mask = oracle_text(oracles(name), tokens)
 
-    result = model.embed(TEXT_PROMPTS, candidates=1, steps=1, seed=0)
+    result = model.embed(prompts, candidates=1, steps=1, seed=0)
     assert np.array_equal(result.tokens, tokens.numpy())
     assert_close_relative(result.text_embedding, raw)
 
-    ours = model.text.encode(torch.from_numpy(result.tokens))
-    assert_close_relative(ours.raw, raw)
-    assert_close_relative(ours.states, states)
-    assert torch.equal(ours.mask, mask)
+    assert_text_features_match(model.text.encode(torch.from_numpy(result.tokens)), tokens, raw, states, mask)
     assert (tokens[1] == 0)[: int(tokens[1].argmax())].any(), "'!' runs give id 0 inside the text"
 
 
