@@ -50,12 +50,12 @@ def pack_linears(module: nn.Module, rows: int) -> bool:
     count still gives correct results. Returns False, leaving `module` untouched, where this
     build or CPU cannot pack (see the module docstring).
     """
-    linears = [(parent, name, child) for parent in module.modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    if not linears or not _packing_works(linears[0][2], rows):
+    places = [(parent, name) for parent in module.modules()
+              for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    if not places or not _packing_works(getattr(*places[0]), rows):
         return False
-    for parent, name, linear in linears:
-        setattr(parent, name, PackedLinear(linear, rows))
+    for parent, name in places:  # one layer at a time: its plain weight is freed once its packed copy exists
+        setattr(parent, name, PackedLinear(getattr(parent, name), rows))
     return True
 
 
