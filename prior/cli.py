@@ -272,6 +272,7 @@ def result_record(result, model, row: int = 0) -> dict:
         "weights_sha256": model.weights_sha256,
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "packed_weights": bool(model.packed),  # CPU matmuls on oneDNN-prepacked weights (prior/packed.py)
         "load_seconds": round(model.load_seconds, 4),
         "sample_seconds": round(result.sample_seconds, 4),
         "versions": {

@@ -24,7 +24,7 @@ import prior
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_FILES = {"text_tokens.npy", "text_embedding.npy", "image_embedding.npy", "candidates.npy", "result.json"}
 RESULT_KEYS = {"seed", "steps", "cond_scale", "guidance", "candidates", "scores", "chosen", "truncated", "weights",
-               "weights_sha256", "load_seconds", "sample_seconds", "versions"}
+               "weights_sha256", "packed_weights", "load_seconds", "sample_seconds", "versions"}
 
 
 def run_cli(*args: str, cwd: Path, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -180,6 +180,7 @@ def test_success_result_json(success, tiny_checkpoint, tiny_sha256):
     assert record["weights_sha256"] == tiny_sha256
     assert len(record["scores"]) == 3 and record["chosen"] == int(np.argmax(record["scores"]))
     assert record["load_seconds"] >= 0 and record["sample_seconds"] >= 0
+    assert record["packed_weights"] is True  # float32 on this CPU
     assert isinstance(record["versions"], dict) and {"torch", "python"} <= set(record["versions"])
     assert all(isinstance(v, str) and v for v in record["versions"].values())
 
