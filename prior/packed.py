@@ -4,10 +4,12 @@ A sampling step multiplies a few rows (3 tokens per candidate) by every weight o
 network: about 1 GB in float32, read once per step. For such skinny products ATen's default
 CPU matmul streams the weights at about 10 GB/s on our 2-core development machine; oneDNN,
 with each weight reordered once into its own blocked layout, reaches about 35 GB/s. Same
-arithmetic, rounding differs by ~1e-6 relative: a float32 step is 2.5-4x faster, a
-bfloat16 one about 1.6x (bench/cpu.py measures both against the original).
+arithmetic, rounding differs by ~1e-6 relative: a full-size float32 step at batch 2 takes
+47 ms instead of 120 ms (bench/cpu.py, which times both against the original), a bfloat16
+one about 1.6x less than unpacked.
 
-The reorder costs ~0.35 s for the full-size network in float32, paid once in `load()`.
+The reorder costs about 0.5 s for the full-size network in float32 (more on a busy
+machine: it writes 1 GB of fresh memory), paid once in `load()`.
 The packed weights replace the `nn.Linear` modules (no second copy is kept); a packed
 network runs only on the CPU, and only for inference.
 
