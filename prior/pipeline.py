@@ -69,7 +69,11 @@ class Prior:
         self.config, self.text_config = weights.prior_config, weights.text_config
         self.weights_path, self.weights_sha256 = weights.path, weights.sha256
         self.tokenizer = Tokenizer(self.text_config.context_length)
-        self.network = _build(PriorNetwork, self.config, weights.prior_state, weights.path, device, dtype)
+        # On a CPU the linear weights are converted to `dtype` as they are packed (below), one layer
+        # at a time; converting the whole network first would write a second 1 GB copy.
+        pack = packed_weights and device.type == "cpu"
+        self.network = _build(PriorNetwork, self.config, weights.prior_state, weights.path, device,
+                              None if pack else dtype)
         # The text tower runs once per call; float32 keeps the conditioning exact on every path.
         self.text = _build(TextEncoder, self.text_config, weights.text_state, weights.path, device, torch.float32)
         self.schedule_buffers = {k: v.float().to(device) for k, v in weights.schedule.items()}
@@ -77,7 +81,8 @@ class Prior:
         self.load_seconds = 0.0
         # One step: on a CPU, eager over weights prepacked for oneDNN (weight streaming dominates
         # there); on a GPU, a captured CUDA graph (launch overhead dominates there).
-        self.packed = packed_weights and device.type == "cpu" and pack_linears(self.network, rows=2 * STEP_LEN)
+        self.packed = pack and pack_linears(self.network, rows=2 * STEP_LEN, dtype=dtype)
+        self.network.to(dtype)  # whatever was not packed
         use_graphs = cuda_graphs and device.type == "cuda"
         self._denoise_step = GraphedDenoiser(self.network) if use_graphs else self.network.denoise
 
@@ -215,8 +220,9 @@ def load(
     return prior
 
 
-def _build(cls, cfg, state: dict[str, torch.Tensor], path: Path, device: torch.device, dtype: torch.dtype):
-    """Construct on the meta device (no random init), then take the file's tensors."""
+def _build(cls, cfg, state: dict[str, torch.Tensor], path: Path, device: torch.device, dtype: torch.dtype | None):
+    """Construct on the meta device (no random init), then take the file's tensors (in `dtype`;
+    None keeps the file's)."""
     with torch.device("meta"):
         module = cls(cfg)
     try:

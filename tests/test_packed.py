@@ -32,6 +32,9 @@ def test_cpu_load_packs_every_linear_and_keeps_no_copy(tiny_checkpoint):
     modules = dict(packed.network.named_modules())
     assert all(isinstance(modules[name], PackedLinear) for name in linears)
     assert not any(isinstance(m, nn.Linear) for m in packed.network.modules())
+    # The file stores float16: packed weights and everything left unpacked are float32 now.
+    assert all(modules[name].packed_weight.dtype == torch.float32 for name in linears)
+    assert {t.dtype for t in packed.network.state_dict().values() if t.is_floating_point()} == {torch.float32}
     # The linear weights live only in their packed form: no parameter or buffer still holds them.
     linear_weights = {f"{name}.weight" for name in linears}
     assert set(plain.network.state_dict()) - set(packed.network.state_dict()) == linear_weights
@@ -64,7 +67,7 @@ class _WrongOutput(PackedLinear):
 
 
 class _NoOp(PackedLinear):
-    def __init__(self, linear, rows):
+    def __init__(self, linear, rows, dtype=None):
         raise RuntimeError("no oneDNN kernel for this CPU")
 
 
@@ -82,5 +85,23 @@ def test_falls_back_to_nn_linear_when_packing_does_not_work(tiny_checkpoint, mon
 def test_float16_and_non_cpu_are_left_alone():
     half = nn.Sequential(nn.Linear(8, 8).half())
     assert pack_linears(half, rows=6) is False and isinstance(half[0], nn.Linear)
+    assert pack_linears(half, rows=6, dtype=torch.float16) is False and isinstance(half[0], nn.Linear)
     meta = nn.Sequential(nn.Linear(8, 8, device="meta"))
-    assert pack_linears(meta, rows=6) is False and isinstance(meta[0], nn.Linear)
+    assert pack_linears(meta, rows=6, dtype=torch.float32) is False and isinstance(meta[0], nn.Linear)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_converts_each_layer_to_the_dtype_asked(dtype):
+    """As load() does on a CPU: the network is built in the file's float16 and each linear
+    weight is converted as it is packed."""
+    torch.manual_seed(0)
+    half = nn.Sequential(nn.Linear(32, 48).half(), nn.Linear(48, 16, bias=False).half())
+    expected = [nn.Linear(32, 48).to(dtype), nn.Linear(48, 16, bias=False).to(dtype)]
+    for target, layer in zip(expected, half, strict=True):
+        target.load_state_dict(layer.state_dict())  # the float16 values, in `dtype`
+    assert pack_linears(half, rows=6, dtype=dtype) is True
+    x = torch.randn(6, 32).to(dtype)
+    out = half(x)
+    assert out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected[1](expected[0](x)), rtol=tolerance, atol=tolerance)
