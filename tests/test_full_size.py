@@ -16,19 +16,11 @@ import torch.nn.functional as F
 
 import prior
 from prior.diffusion import Schedule, ddpm_sample, make_schedule
+from tests.compare import assert_close_relative
 from tests.oracle import FULL, load_oracle, oracle_text
 
 PROMPTS = ["5!$ wow !% a lighthouse at dusk", "an astronaut riding a horse, oil on canvas"]
 TIMESTEPS = [999, 500, 1, 0]
-
-
-def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4, what: str = "") -> None:
-    """max |actual - expected| <= tol * max |expected|, shapes equal."""
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape
-    error, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
-    assert scale > 0
-    assert error <= tol * scale, f"{what}: max |diff| {error:.3g} > {tol} * max |expected| {scale:.3g}"
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,9 @@ from torch import nn
 import prior.packed
 from prior import load
 from prior.packed import PackedLinear, pack_linears
+from tests.compare import relative_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def relative_error(actual, expected) -> float:
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
 def test_cpu_load_packs_every_linear_and_keeps_no_copy(tiny_checkpoint):

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import prior
+from tests.compare import assert_close_relative
 from tests.oracle import SCHEDULE_SHAPES, TINY_SHAPES, load_oracle, oracle_sample, oracle_text
 
 LONG_PROMPT = "a very detailed painting of " + ", ".join(f"a small {c} bird number {i}" for i, c in
@@ -39,17 +40,6 @@ CASES = [
 ]
 
 TEXT_PROMPTS = ["a cat", BANG_PROMPT, "!!!!", "Ünïcödé 東京 🐱‍👤 &amp; tabs\tand\nlines", LONG_PROMPT]
-
-
-def assert_close_relative(actual, expected, tol: float = 1e-4) -> None:
-    """max |actual - expected| <= tol * max |expected|, shapes equal."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape
-    scale = np.abs(expected).max()
-    error = np.abs(actual - expected).max()
-    assert scale > 0
-    assert error <= tol * scale, f"max |diff| {error:.3g} > {tol} * max |expected| {scale:.3g}"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

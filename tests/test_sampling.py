@@ -26,6 +26,7 @@ from prior.diffusion import (
     respaced_schedule,
     spaced_timesteps,
 )
+from tests.compare import relative_error
 from tests.oracle import oracle_sample
 
 PROMPTS = ["a red cube on a table", "5!$ wow !%", "an astronaut riding a horse"]
@@ -47,11 +48,6 @@ def file_schedule(tiny_checkpoint) -> dict[str, torch.Tensor]:
     state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
     prefix = "noise_scheduler."
     return {k[len(prefix):]: v.double() for k, v in state.items() if k.startswith(prefix)}
-
-
-def relative_error(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
 def cosine(a, b) -> np.ndarray:
