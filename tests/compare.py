@@ -27,3 +27,14 @@ def assert_close_relative(actual, expected, tol: float = 1e-4, what: str = "") -
     error = np.abs(actual - expected).max()
     assert scale > 0
     assert error <= tol * scale, f"{what}: max |diff| {error:.3g} > {tol} * max |expected| {scale:.3g}"
+
+
+def assert_text_features_match(ours, tokens: torch.Tensor, raw, states, mask) -> int:
+    """Our TextFeatures against the oracle's (raw, 77 states, mask): the tower stops at the
+    batch's last end token, and the oracle's mask attends nothing after it. Returns that length n."""
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    assert ours.states.shape[1] == n and not mask[:, n:].any()
+    assert_close_relative(ours.raw, raw)
+    assert_close_relative(ours.states, states[:, :n])
+    assert torch.equal(ours.mask, mask[:, :n])
+    return n

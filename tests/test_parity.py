@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import prior
-from tests.compare import assert_close_relative
+from tests.compare import assert_close_relative, assert_text_features_match
 from tests.oracle import SCHEDULE_SHAPES, TINY_SHAPES, load_oracle, oracle_sample, oracle_text
 
 LONG_PROMPT = "a very detailed painting of " + ", ".join(f"a small {c} bird number {i}" for i, c in
@@ -104,16 +104,6 @@ def test_embed_matches_oracle(models, oracles, oracle_embedding, name, prompt, c
     assert result.truncated == [LONG_PROMPT in prompt]
     assert_close_relative(result.text_embedding, raw_text)
     assert_close_relative(result.image_embedding, oracle_embedding(name, prompt, candidates, cond_scale, seed))
-
-
-def assert_text_features_match(ours, tokens: torch.Tensor, raw, states, mask) -> None:
-    """Our TextFeatures against the oracle's (raw, 77 states, mask): the tower stops at the
-    batch's last end token, and the oracle's mask attends nothing after it."""
-    n = int(tokens.argmax(dim=-1).max()) + 1
-    assert ours.states.shape[1] == n and not mask[:, n:].any()
-    assert_close_relative(ours.raw, raw)
-    assert_close_relative(ours.states, states[:, :n])
-    assert torch.equal(ours.mask, mask[:, :n])
 
 
 @pytest.mark.parametrize("prompts", [TEXT_PROMPTS, TEXT_PROMPTS[:-1]], ids=["with-truncated", "short"])
