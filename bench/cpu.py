@@ -164,7 +164,7 @@ class Bench:
         for dtype in self.dtypes:
             self.log(f"loading ours ({dtype})")
             self.models[dtype] = prior.load(self.weights, device="cpu", dtype=dtype)
-        if getattr(self.models["float32"], "packed", False):  # what prepacking the weights is worth, same run
+        if self.models["float32"].packed:  # what prepacking the weights is worth, same run
             self.log("loading ours (float32, weights not prepacked)")
             self.unpacked = prior.load(self.weights, device="cpu", dtype="float32", packed_weights=False)
         self.log("loading the oracle (float32)")

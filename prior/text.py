@@ -1,7 +1,8 @@
 """CLIP text side: OpenAI's BPE tokenizer and the ViT-L/14 text tower, in plain torch.
 
 `encode` returns, explicitly, everything the prior needs from CLIP: the raw text embedding
-(encode_text's output), its L2-normalised copy, the 77 final-LayerNorm states and the mask.
+(encode_text's output), its L2-normalised copy, the final-LayerNorm states and the mask
+(up to the batch's last end token).
 dalle2-pytorch 0.11.5 captured the states with a forward hook; here they are simply the
 tower's intermediate value.
 
