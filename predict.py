@@ -10,20 +10,14 @@ running it (a static parser) and skips expressions it cannot evaluate.
 from __future__ import annotations
 
 import atexit
-import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path as FilePath
 
-import numpy as np
 from cog import BaseModel, BasePredictor, Input, Path
 
 import prior
-from prior.checkpoint import converted_from
-from prior.serve import WEIGHTS_ENV  # a weights file to use instead of weights/prior_ema_fp16.pth
-
-DEFAULT_WEIGHTS = FilePath(__file__).resolve().parent / "weights" / "prior_ema_fp16.pth"
+from prior import contract
 
 
 class PriorOutput(BaseModel):
@@ -37,18 +31,9 @@ class PriorOutput(BaseModel):
 
 
 def weights_path() -> FilePath:
-    """The file setup() loads: $PRIOR_WEIGHTS or weights/prior_ema_fp16.pth, or the
-    converted .safetensors beside it (it loads faster) when it was converted from that file
-    as it is now. A stale one, left from a replaced .pth, is ignored with a warning."""
-    path = FilePath(os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS)
-    converted = path.with_suffix(".safetensors")
-    if path.suffix == ".safetensors" or not converted.is_file():
-        return path
-    if not path.exists() or converted_from(converted, path):
-        return converted
-    print(f"warning: ignoring {converted}: not converted from {path} as it is now; loading {path} "
-          "(run `python -m prior.weights convert` again to load faster)", file=sys.stderr)
-    return path
+    """The file setup() loads: $PRIOR_WEIGHTS or the default weights, by the rule every edge
+    shares (contract.resolve_weights: a fresh converted .safetensors beside a .pth is preferred)."""
+    return contract.resolve_weights()
 
 
 class Predictor(BasePredictor):
@@ -123,22 +108,9 @@ class Predictor(BasePredictor):
 
 
 def write_arrays(result: prior.EmbedResult, parent: FilePath | None = None) -> FilePath:
-    """Save one prompt's arrays as .npy files in a new directory of their own under `parent`.
-
-    A fresh directory per prediction: nothing is shared between predictions or cached by
-    prompt. Should a save fail, the directory is removed, so no half-written set is left.
-    """
+    """Save one prompt's arrays as .npy files in a new folder of their own under `parent`, all or
+    nothing (contract.write_result). A fresh folder per prediction: nothing is shared between
+    predictions or cached by prompt."""
     folder = FilePath(tempfile.mkdtemp(prefix="prediction-", dir=parent))
-    arrays = {
-        "text_tokens": result.tokens[:1].astype(np.int64),
-        "text_embedding": result.text_embedding[:1].astype(np.float32),
-        "image_embedding": result.image_embedding[:1].astype(np.float32),
-        "candidates": result.candidates[0].astype(np.float32),
-    }
-    try:
-        for name, array in arrays.items():
-            np.save(folder / f"{name}.npy", array)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    contract.write_result(folder, result)
     return folder

@@ -11,20 +11,28 @@ arguments (and `python -m prior.weights` can download) without loading torch fir
 
 import importlib
 
+from .contract import (
+    DEFAULT_STEPS,
+    GUIDANCE,
+    PRIOR_EMA_FP16_SHA256,
+    SAMPLERS,
+    ArgumentError,
+    OutputError,
+    PriorError,
+    WeightsError,
+    default_weights,
+)
+
 __version__ = "0.1.0"
-DEFAULT_STEPS = 64  # sampling steps when none are given (the DALL-E 2 paper's); all of a shorter schedule
 
 _EXPORTS = {
     "load": "pipeline",
     "Prior": "pipeline",
     "EmbedResult": "pipeline",
-    "DEFAULT_WEIGHTS": "pipeline",
-    "GUIDANCE": "pipeline",
-    "WeightsError": "checkpoint",
-    "PRIOR_EMA_FP16_SHA256": "checkpoint",
 }
 
-__all__ = ["__version__", "DEFAULT_STEPS", *_EXPORTS]
+__all__ = ["__version__", "DEFAULT_STEPS", "GUIDANCE", "SAMPLERS", "PRIOR_EMA_FP16_SHA256", "ArgumentError",
+           "OutputError", "PriorError", "WeightsError", "default_weights", *_EXPORTS]
 
 
 def __getattr__(name: str):

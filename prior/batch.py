@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
 import sys
 import time
@@ -36,7 +35,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .cli import SEED_LIMIT, ArgumentError, add_sampling_arguments, check_device, check_output_dir, int_in, resolve_steps
+from . import contract
+from .arguments import add_sampling_arguments, check_device, folder_path, int_in, progress_bar, resolve_steps
+from .contract import SEED_LIMIT, ArgumentError
 
 MANIFEST = "batch.json"
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
@@ -73,13 +74,13 @@ def read_prompts(path: Path, column: str | None = None) -> Prompts:
     """
     path = Path(path)
     if not path.exists():
-        raise ArgumentError(f"argument INPUT: no such file, got {str(path)!r}")
+        raise ArgumentError("input", f"no such file, got {str(path)!r}")
     if not path.is_file():
-        raise ArgumentError(f"argument INPUT: must be a file, got {str(path)!r} (not a regular file)")
+        raise ArgumentError("input", f"must be a file, got {str(path)!r} (not a regular file)")
     kind = TABLE_SUFFIXES.get(path.suffix.lower(), "text")
     if kind == "text":
         if column is not None:
-            raise ArgumentError(f"argument --column: only for .parquet or .csv INPUT, got --column {column!r} "
+            raise ArgumentError("column", f"only for .parquet or .csv INPUT, got --column {column!r} "
                                 f"with the text file {str(path)!r}")
         values = _read_text_lines(path)
     else:
@@ -91,7 +92,7 @@ def read_prompts(path: Path, column: str | None = None) -> Prompts:
             source_rows.append(i)
     if not texts:
         what = "lines" if kind == "text" else f"values in column {column or DEFAULT_TABLE_COLUMN!r}"
-        raise ArgumentError(f"argument INPUT: holds no prompts (no non-blank {what}), got {str(path)!r}")
+        raise ArgumentError("input", f"holds no prompts (no non-blank {what}), got {str(path)!r}")
     return Prompts(texts, source_rows)
 
 
@@ -99,12 +100,12 @@ def _read_text_lines(path: Path) -> list[str]:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ArgumentError(f"argument INPUT: cannot be read, got {str(path)!r} ({e.strerror or e})") from None
+        raise ArgumentError("input", f"cannot be read, got {str(path)!r} ({e.strerror or e})") from None
     try:
         text = data.decode("utf-8-sig")  # a leading byte-order mark is not part of the first prompt
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise ArgumentError(f"argument INPUT: must be UTF-8 text, got {str(path)!r} (invalid byte on line {line}); "
+        raise ArgumentError("input", f"must be UTF-8 text, got {str(path)!r} (invalid byte on line {line}); "
                             "for a table use a .parquet or .csv file") from None
     # Only "\n" ends a line (str.splitlines would also split on form feeds and U+2028 inside prompts).
     return [line.removesuffix("\r") for line in text.split("\n")]
@@ -131,18 +132,18 @@ def _read_table_column(path: Path, kind: str, column: str) -> list[str | None]:
         raise
     except (OSError, pa.ArrowException) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArgumentError(f"argument INPUT: not a readable {kind} file, got {str(path)!r} ({first_line})") from None
+        raise ArgumentError("input", f"not a readable {kind} file, got {str(path)!r} ({first_line})") from None
     values = table.column(column)
     if pa.types.is_dictionary(values.type):
         values = values.cast(values.type.value_type)
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        raise ArgumentError(f"argument --column: must name a text column, got {column!r} (holds {values.type})")
+        raise ArgumentError("column", f"must name a text column, got {column!r} (holds {values.type})")
     return values.to_pylist()
 
 
 def _missing_column(column: str, names: Sequence[str], path: Path) -> ArgumentError:
     shown = ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
-    return ArgumentError(f"argument --column: must be a column of {str(path)!r}, got {column!r} (columns: {shown})")
+    return ArgumentError("column", f"must be a column of {str(path)!r}, got {column!r} (columns: {shown})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,21 +207,12 @@ def is_finished(paths: dict[str, Path], rows: int) -> bool:
 
 
 def write_shard(paths: dict[str, Path], columns: dict, emb_dtype: str) -> None:
-    """Write one shard: each file to a temporary name beside it, then renamed, metadata last."""
+    """Write one shard's three files whole (contract.atomic_paths), renamed into place together,
+    metadata last: from then on the shard counts as finished."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    def save_npy(path: Path, array) -> Path:
-        partial = path.with_name(f".{path.name}.partial")  # not *.npy: readers' globs skip it
-        with open(partial, "wb") as f:
-            np.save(f, np.ascontiguousarray(array, dtype=emb_dtype))
-            f.flush()
-            os.fsync(f.fileno())
-        return partial
-
-    img = save_npy(paths["img"], columns["img"])
-    text = save_npy(paths["text"], columns["text"])
     table = pa.table({
         "row": pa.array(columns["row"], pa.int64()),
         "source_row": pa.array(columns["source_row"], pa.int64()),
@@ -231,13 +223,11 @@ def write_shard(paths: dict[str, Path], columns: dict, emb_dtype: str) -> None:
         "truncated": pa.array(columns["truncated"], pa.bool_()),
         "text_norm": pa.array(columns["text_norm"], pa.float32()),
     })
-    meta = paths["meta"].with_name(f".{paths['meta'].name}.partial")
-    pq.write_table(table, meta)
-    with open(meta, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(img, paths["img"])
-    os.replace(text, paths["text"])
-    os.replace(meta, paths["meta"])  # last: from here on the shard counts as finished
+    with contract.atomic_paths([paths["img"], paths["text"], paths["meta"]]) as (img, text, meta):
+        for partial, key in ((img, "img"), (text, "text")):
+            with open(partial, "wb") as f:
+                np.save(f, np.ascontiguousarray(columns[key], dtype=emb_dtype))
+        pq.write_table(table, meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +362,25 @@ def cpu_threads_per_worker(node_cpus: list[int], workers: int) -> int:
     return 0
 
 
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, with one line, where ray.init would retry a wrong address for minutes:
+    the address must be host:port or ray://host:port, and something must listen there."""
+    import importlib.util
+    import socket
+
+    client = address.startswith("ray://")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ArgumentError("ray", f"must be 'auto', 'local', HOST:PORT or ray://HOST:PORT, got {contract.shown(address)}")
+    if client and importlib.util.find_spec("grpc") is None:
+        raise ArgumentError("ray", "a ray:// address needs Ray Client: pip install 'ray[client]==2.60.0'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ArgumentError("ray", f"cannot reach a Ray cluster at {contract.shown(address)} "
+                                   f"({contract.os_reason(e) if e.strerror else 'no answer'})") from None
+
+
 class RayWorkers:
     """Ray actors, one model each (one per GPU, or CPU actors sharing the cores). The results
     come back to this process, which writes every file: the output does not depend on the
@@ -380,6 +389,8 @@ class RayWorkers:
     def __init__(self, args: argparse.Namespace):
         from .checkpoint import WeightsError, sha256_of
 
+        if args.ray not in ("auto", "local"):
+            check_ray_address(args.ray)
         self.args, self.ray, self.actors = args, None, []
         weights = Path(args.weights)
         if not weights.is_file():
@@ -394,14 +405,14 @@ class RayWorkers:
         try:
             import ray
         except ImportError:
-            raise ArgumentError("argument --ray: needs the 'ray' package (pip install ray)") from None
+            raise ArgumentError("ray", "needs the 'ray' package (pip install ray)") from None
         # "auto": the cluster in RAY_ADDRESS or the one `ray start` began on this machine, else a
         # new local one; "local": always a new local one; anything else: that cluster's address.
         try:
             ray.init(address=None if args.ray == "auto" else args.ray, include_dashboard=False,
                      logging_level=logging.ERROR, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
-            raise ArgumentError(f"argument --ray: cannot reach a Ray cluster at {args.ray!r} "
+            raise ArgumentError("ray", f"cannot reach a Ray cluster at {args.ray!r} "
                                 f"({str(e).strip().splitlines()[0]})") from None
         self.ray = ray
         resources = ray.cluster_resources()
@@ -410,15 +421,15 @@ class RayWorkers:
         if gpus and args.device != "cpu":  # one model per GPU
             count, options, threads = args.workers or gpus, {"num_gpus": 1, "num_cpus": 1}, None
             if count > gpus:
-                raise ArgumentError(f"argument --workers: at most one per GPU ({gpus} in the cluster), got {count}")
+                raise ArgumentError("workers", f"at most one per GPU ({gpus} in the cluster), got {count}")
         elif args.device == "cuda":
-            raise ArgumentError(f"argument --device: the Ray cluster at {args.ray!r} has no GPU, got 'cuda'")
+            raise ArgumentError("device", f"the Ray cluster at {args.ray!r} has no GPU, got 'cuda'")
         else:  # CPU workers share the cluster's cores
             count = args.workers or 1
             node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
             threads = cpu_threads_per_worker(node_cpus, count)
             if threads == 0:
-                raise ArgumentError(f"argument --workers: at most one per CPU ({cpus} in the cluster), got {count}")
+                raise ArgumentError("workers", f"at most one per CPU ({cpus} in the cluster), got {count}")
             options = {"num_cpus": threads}
         remote = ray.remote(Embedder).options(**options)
         self.actors = [remote.remote() for _ in range(count)]
@@ -427,7 +438,7 @@ class RayWorkers:
                                for a in self.actors])
         kinds = {(d["device"], d["dtype"]) for d in described}
         if len(kinds) > 1:  # mixed precisions would make a row depend on the worker that ran it
-            raise ArgumentError(f"argument --ray: workers disagree on device and dtype {sorted(kinds)}; "
+            raise ArgumentError("ray", f"workers disagree on device and dtype {sorted(kinds)}; "
                                 "set --device and --dtype")
         hosts = {d["host"] for d in described}
         print(f"ray: {count} worker(s) on {len(hosts)} node(s), {described[0]['device']} {described[0]['dtype']}",
@@ -469,36 +480,46 @@ class RayWorkers:
 # The run directory's manifest
 
 
-def check_manifest(out: Path, record: dict) -> None:
-    """Refuse to mix two runs' shards in one directory."""
+def read_manifest(out: Path) -> dict | None:
+    """The previous run's record in `out`, or None when there is none."""
     path = out / MANIFEST
     if not path.exists():
-        return
+        return None
     try:
-        previous = json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ArgumentError(f"argument --out: {str(path)!r} is not a readable batch manifest ({e})") from None
+        raise ArgumentError("out", f"{str(path)!r} is not a readable batch manifest ({e})") from None
+    if not isinstance(record, dict):
+        raise ArgumentError("out", f"{str(path)!r} is not a batch manifest (holds a {type(record).__name__}, "
+                                   "not an object); remove it or choose another --out")
+    return record
+
+
+def check_manifest(out: Path, previous: dict | None, record: dict) -> None:
+    """Refuse to mix two runs' shards in one folder: a manifest with other settings, or shards
+    with no manifest to say which run wrote them."""
+    if previous is None:
+        stray = [p for folder in ("img_emb", "text_emb", "metadata") for p in sorted((out / folder).glob("*"))[:1]]
+        if stray:
+            raise ArgumentError("out", f"{str(out)!r} holds shards ({str(stray[0])!r}) but no {MANIFEST} to say which "
+                                       "run wrote them; remove them or choose another --out")
+        return
     differing = [k for k in RESUME_KEYS if previous.get(k) != record[k]]
     if differing:
         shown = "; ".join(f"{k}: {previous.get(k)!r} there, {record[k]!r} now" for k in differing[:3])
-        raise ArgumentError(f"argument --out: {str(out)!r} holds a run with other settings ({shown}); "
-                            "repeat its settings to resume it, or choose another --out")
+        raise ArgumentError("out", f"{str(out)!r} holds a run with other settings ({shown}); "
+                                   "repeat its settings to resume it, or choose another --out")
 
 
 def write_manifest(out: Path, record: dict) -> None:
-    path = out / MANIFEST
-    partial = out / f".{MANIFEST}.partial"
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, path)
+    with contract.atomic_path(out / MANIFEST) as partial:
+        partial.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def manifest_seed(out: Path) -> int | None:
-    """The seed a previous run in `out` drew, so that resuming needs no --seed."""
-    try:
-        seed = json.loads((out / MANIFEST).read_text()).get("seed")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return seed if isinstance(seed, int) and 0 <= seed < SEED_LIMIT else None
+def manifest_seed(previous: dict | None) -> int | None:
+    """The seed a previous run in the folder drew, so that resuming needs no --seed."""
+    seed = (previous or {}).get("seed")
+    return seed if contract.is_integer(seed) and 0 <= seed < SEED_LIMIT else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,7 +533,7 @@ def add_parser(commands) -> None:
     parser.add_argument("input", metavar="INPUT", type=Path,
                         help="a text file (one prompt a line; blank lines skipped), or a .parquet / .csv file")
     add_sampling_arguments(parser)
-    parser.add_argument("--out", type=Path, required=True,
+    parser.add_argument("--out", type=folder_path, required=True,
                         help="output directory: img_emb/, text_emb/, metadata/, batch.json; rerun to resume")
     parser.add_argument("--column", default=None,
                         help=f"the prompt column of a .parquet / .csv INPUT (default: {DEFAULT_TABLE_COLUMN!r})")
@@ -533,23 +554,24 @@ def add_parser(commands) -> None:
 
 def run_batch(args: argparse.Namespace) -> int:
     if args.workers is not None and args.ray is None:
-        raise ArgumentError(f"argument --workers: only with --ray, got {args.workers}")
+        raise ArgumentError("workers", f"only with --ray, got {args.workers}")
     if args.ray is not None and not args.ray.strip():
-        raise ArgumentError("argument --ray: must be 'auto', 'local' or a cluster address, got ''")
+        raise ArgumentError("ray", "must be 'auto', 'local' or a cluster address, got ''")
     out = Path(args.out)
-    check_output_dir(out)
+    contract.check_output_folder("out", out)
     prompts = read_prompts(args.input, args.column)  # before the slow part: bad input fails fast
+    previous = read_manifest(out) if out.is_dir() else None
     if args.ray is None:
         check_device(args.device)
 
-    from .checkpoint import WeightsError
-
+    args.weights = contract.resolve_weights(args.weights, args.sha256)
+    args.interrupted = f"interrupted; finished shards in {out}/ are kept: rerun the same command to resume"
     workers = None
     try:
         workers = LocalWorker(args) if args.ray is None else RayWorkers(args)
         model = workers.start()
         args.steps = resolve_steps(args.steps, model["num_timesteps"])
-        seed = args.seed if args.seed is not None else manifest_seed(out)
+        seed = args.seed if args.seed is not None else manifest_seed(previous)
         if seed is None:
             import secrets
 
@@ -562,7 +584,7 @@ def run_batch(args: argparse.Namespace) -> int:
                   "column": args.column, "weights": str(Path(args.weights).resolve()), "dim": model["dim"],
                   "img_emb": "the prior's image embedding as Prior.embed returns it (not re-normalised)",
                   "text_emb": "CLIP's text embedding, L2-normalised (metadata text_norm holds the raw norm)"}
-        check_manifest(out, record)
+        check_manifest(out, previous, record)
 
         shards = plan_shards(len(prompts.texts), args.shard_size)
         todo = [s for s in shards if not is_finished(shard_paths(out, s, len(shards)), s.rows)]
@@ -571,7 +593,7 @@ def run_batch(args: argparse.Namespace) -> int:
             (out / folder).mkdir(parents=True, exist_ok=True)
         write_manifest(out, record)
 
-        bar = _progress_bar(len(prompts.texts), job.rows_done(), args.quiet)
+        bar = progress_bar(len(prompts.texts), args.quiet, desc="embedding", unit="prompt", initial=job.rows_done())
         started = time.perf_counter()
         try:
             assembler = ShardAssembler(job, bar.update)
@@ -579,12 +601,6 @@ def run_batch(args: argparse.Namespace) -> int:
                 assembler.add(first_row, part)
         finally:
             bar.close()
-    except WeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted; finished shards in {out}/ are kept: rerun the same command to resume", file=sys.stderr)
-        return 130
     finally:
         if workers is not None:
             workers.close()
@@ -595,10 +611,3 @@ def run_batch(args: argparse.Namespace) -> int:
     print(f"wrote {assembler.written} shard(s), {computed} rows, to {out}/ (seed {seed}"
           f"{f'; {skipped} finished shard(s) skipped' if skipped else ''}{rate})")
     return 0
-
-
-def _progress_bar(total: int, done: int, disable: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc="embedding", unit="prompt", file=sys.stderr, disable=disable,
-                dynamic_ncols=True)

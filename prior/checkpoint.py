@@ -16,9 +16,7 @@ on load, about 60% of the original's size. `read_checkpoint` reads either format
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pickle
 import re
 import warnings
@@ -28,12 +26,11 @@ from pathlib import Path
 
 import torch
 
+from . import contract
+from .contract import PRIOR_EMA_FP16_SHA256, WeightsError, sha256_of, sidecar_path, sidecar_sha256  # noqa: F401 (re-exported)
 from .diffusion import cosine_alphas_cumprod
 from .model import TEXT_LEN, PriorConfig
 from .text import TextConfig
-
-# sha256 of LAION's file (huggingface.co/laion/DALLE2-PyTorch, prior_ema_fp16.pth)
-PRIOR_EMA_FP16_SHA256 = "b7d6ec6be12f285c0cd128655974b544885a49a3ff17feb5346226fea59757fa"
 
 SCHEDULE_BUFFERS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_log_variance_clipped",
@@ -81,14 +78,6 @@ _TEXT_TOP = ("token_embedding.weight", "positional_embedding", "ln_final.weight"
 _TEXT_BLOCK_RE = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 
 
-class WeightsError(ValueError):
-    """A weights file that cannot be used. The message names the file and the problem."""
-
-    def __init__(self, path: str | Path, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path, self.problem = str(path), problem
-
-
 @dataclass
 class Weights:
     prior_config: PriorConfig
@@ -98,14 +87,6 @@ class Weights:
     schedule: dict[str, torch.Tensor]  # noise_scheduler buffers, by short name
     path: Path
     sha256: str | None
-
-
-def sha256_of(path: str | Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Weights:
@@ -119,21 +100,21 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Wei
         raise WeightsError(path, "file not found" if not path.exists() else "not a regular file")
     if path.stat().st_size == 0:
         raise WeightsError(path, "file is empty (0 bytes)")
-    sidecar = sidecar_path(path)
     # A converted file whose sidecar hash matches holds exactly the tensors that were
     # checked when it was written: the (slow) NaN/Inf scan is not repeated.
-    converted = path.suffix == ".safetensors" and expected_sha256 is None and sidecar.is_file()
-    if converted:
-        expected_sha256 = sidecar_sha256(path) or "(empty sidecar)"
+    converted = path.suffix == ".safetensors" and expected_sha256 is None and sidecar_path(path).is_file()
+    expected_sha256 = contract.required_sha256(path, expected_sha256)  # the contract's hash policy
     sha256 = None
     if converted and _verified_before(path, expected_sha256):
-        sha256 = expected_sha256.lower()  # unchanged since its last full check
+        sha256 = expected_sha256  # unchanged since its last full check
     elif expected_sha256 is not None:
         sha256 = sha256_of(path)
-        if converted and sha256 == expected_sha256.lower():
+        if sha256 != expected_sha256:
+            source = f" (from {sidecar_path(path).name}; converted files are written whole, so the file was changed " \
+                     "since)" if converted else " (corrupted or a different file)"
+            raise WeightsError(path, f"SHA-256 is {sha256}, expected {expected_sha256}{source}")
+        if converted:
             _remember_verified(path, sha256)
-        if sha256 != expected_sha256.lower():
-            raise WeightsError(path, f"SHA-256 is {sha256}, expected {expected_sha256.lower()} (corrupted or a different file)")
     if path.suffix != ".safetensors" and expected_sha256 is None:
         _check_zip_checksums(path)
     state = _safetensors_load(path) if path.suffix == ".safetensors" else _torch_load(path)
@@ -143,21 +124,25 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Wei
     stray = next((k for k in state if not k.startswith(_TOP_LEVEL)), None)
     if stray is not None:
         raise WeightsError(path, f"unexpected tensor {stray!r} (not a dalle2-pytorch 0.11.5 DiffusionPrior layout)")
-    for name, tensor in [*prior_state.items(), *text_state.items()]:  # the schedule: in _split_schedule
-        if not converted and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    tensors = [*((f"net.{_file_key(k)}", v) for k, v in prior_state.items()),
+               *((f"clip.clip.{k}", v) for k, v in text_state.items())]
+    for name, tensor in tensors:  # named as in the file; the schedule is checked in _split_schedule
+        _check_storage(path, name, tensor)
+        if not converted and not torch.isfinite(tensor).all():
             raise WeightsError(path, f"tensor {name!r} contains NaN or Inf")
     return Weights(prior_config, text_config, prior_state, text_state, schedule, path, sha256)
 
 
-def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+WEIGHT_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
 
 
-def sidecar_sha256(path: Path) -> str | None:
-    """The hash recorded in `path`'s `.sha256` sidecar ("HEX  NAME", as sha256sum writes), or
-    None when the sidecar is empty. Raises OSError when it cannot be read."""
-    fields = sidecar_path(path).read_text().split()
-    return fields[0] if fields else None
+def _check_storage(path: Path, name: str, tensor: torch.Tensor) -> None:
+    """A dense tensor of a floating dtype the network can run in (not sparse, fp8 or integer)."""
+    if tensor.layout != torch.strided:
+        raise WeightsError(path, f"tensor {name!r} is stored {str(tensor.layout).removeprefix('torch.')}, expected dense")
+    if tensor.dtype not in WEIGHT_DTYPES:
+        raise WeightsError(path, f"tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, "
+                                 "expected float16, float32 or bfloat16")
 
 
 def _stamp_path(path: Path) -> Path:
@@ -181,9 +166,11 @@ def _verified_before(path: Path, sha256: str) -> bool:
 
 
 def _remember_verified(path: Path, sha256: str) -> None:
+    stamp = json.dumps({**_file_identity(path), "sha256": sha256}) + "\n"
     try:
-        _stamp_path(path).write_text(json.dumps({**_file_identity(path), "sha256": sha256}) + "\n")
-    except OSError:
+        with contract.atomic_path(_stamp_path(path)) as partial:
+            partial.write_text(stamp)
+    except contract.OutputError:
         pass  # a read-only weights folder: every load hashes, which is only slower
 
 
@@ -208,69 +195,60 @@ def convert_to_safetensors(
     if dtype is not None:
         kept = {k: v.to(dtype) if v.is_floating_point() and not k.startswith("noise_scheduler.") else v
                 for k, v in kept.items()}
-    source = src.stat()  # what converted_from() compares the source with later
-    metadata = {"format": "conditioned-prior/1", "source": src.name, "source_sha256": weights.sha256 or sha256_of(src),
+    source = src.stat()  # what contract.converted_from() compares the source with later
+    metadata = {"format": contract.CONVERTED_FORMAT, "source": src.name,
+                "source_sha256": weights.sha256 or sha256_of(src),
                 "source_size": str(source.st_size), "source_mtime_ns": str(source.st_mtime_ns)}
     _write_converted(kept, metadata, dst)
     return dst
 
 
+# safetensors' names for the dtypes a converted file holds
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+def save_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str], f) -> str:
+    """Write `state` to the open binary file `f` in the safetensors format (an 8-byte header
+    length, a JSON header of names, dtypes, shapes and byte offsets, then the raw bytes), and
+    return the SHA-256 of what was written. Our own writer, so that a failing disk is a plain
+    OSError with its errno (safetensors' save_file reports it only as text)."""
+    import hashlib
+
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in sorted(state):
+        tensor = state[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    digest = hashlib.sha256()
+    for chunk in (len(head).to_bytes(8, "little"), head):
+        f.write(chunk)
+        digest.update(chunk)
+    for name in sorted(state):
+        data = state[name].contiguous().view(-1).view(torch.uint8).numpy().data
+        f.write(data)
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def _write_converted(state: dict[str, torch.Tensor], metadata: dict[str, str], dst: Path) -> None:
-    """Write `dst` and its sidecar through `.partial` files, renamed into place only when both
-    are complete. On any failure, Ctrl-C included, the partial files (hundreds of MB) are
-    deleted: there is nothing to resume, a conversion always starts over."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    partial = dst.with_name(dst.name + ".partial")
-    sidecar = sidecar_path(dst)
-    sidecar_partial = sidecar.with_name(sidecar.name + ".partial")
+    """Write `dst` and its sidecar whole (contract.atomic_path). The sidecar is renamed into
+    place just before the file, with Ctrl-C and SIGTERM held back across both renames, so a
+    sidecar never describes another file than the one beside it; only a hard kill (SIGKILL,
+    power loss) between the two renames can leave a new sidecar beside the old file, which a
+    load then reports as changed since conversion. On any failure both partial files
+    (hundreds of MB) are deleted: a conversion always starts over."""
     try:
-        save_file(state, partial, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o666 & ~umask)  # safetensors creates 0600; readable like any file we write
-        sidecar_partial.write_text(f"{sha256_of(partial)}  {dst.name}\n")
-        partial.replace(dst)
-        sidecar_partial.replace(sidecar)
-    except BaseException as e:
-        partial.unlink(missing_ok=True)
-        sidecar_partial.unlink(missing_ok=True)
-        if isinstance(e, OSError | SafetensorError):  # disk full, no permission, no such folder
-            raise WeightsError(dst, f"cannot write the converted file ({_io_reason(e)})") from None
-        raise
-
-
-def _io_reason(error: Exception) -> str:
-    """The OS's words for a write failure. safetensors wraps them as "Error while serializing:
-    I/O error: No space left on device (os error 28) at path ...": keep only the middle."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    text = " ".join(str(error).split())
-    found = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
-    return found.group(1) if found else text or type(error).__name__
-
-
-def converted_from(converted: str | Path, source: str | Path) -> bool:
-    """Whether `converted` was written by convert_to_safetensors from `source` as it is now.
-
-    Cheap when the source's size and mtime are those recorded at conversion; when only the
-    mtime differs (a copy, a touch) the source's SHA-256 decides. An unreadable or foreign
-    `converted` file, or a changed source, gives False.
-    """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(converted, framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-        stat = Path(source).stat()
-    except Exception:  # noqa: BLE001 - any failure to read means "not known to be a conversion of source"
-        return False
-    if metadata.get("format") != "conditioned-prior/1" or metadata.get("source_size") != str(stat.st_size):
-        return False
-    if metadata.get("source_mtime_ns") == str(stat.st_mtime_ns):
-        return True
-    return metadata.get("source_sha256") == sha256_of(source)
+        with contract.atomic_paths([contract.sidecar_path(dst), dst]) as (sidecar_partial, partial):
+            with open(partial, "wb") as f:
+                sha256 = save_safetensors(state, metadata, f)
+            sidecar_partial.write_text(f"{sha256}  {dst.name}\n")
+    except contract.OutputError as e:
+        raise WeightsError(dst, f"cannot write the converted file ({e.reason})") from None
 
 
 def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
@@ -414,6 +392,8 @@ def _split_prior(path: Path, state: dict) -> tuple[PriorConfig, dict[str, torch.
 
 def _file_key(name: str) -> str:
     """Our tensor name -> the file's name under "net." (for messages)."""
+    if name == "rotary_freqs":
+        return f"causal_transformer.layers.0.{_ROTARY_SUFFIX}"
     by_ours = {ours: theirs for theirs, ours in _NET_KEYS.items()}
     if name in by_ours:
         return by_ours[name]

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-import numbers
+import platform
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -21,24 +21,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import DEFAULT_STEPS
+from . import contract
 from .checkpoint import Weights, WeightsError, read_checkpoint
-from .diffusion import SAMPLERS, ddim_sample, ddpm_sample, make_schedule
+from .diffusion import ddim_sample, ddpm_sample, make_schedule
 from .graphs import GraphedDenoiser
 from .model import STEP_LEN, Condition, PriorNetwork
 from .packed import pack_linears
 from .text import TextEncoder, Tokenizer
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "prior_ema_fp16.pth"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SEED_LIMIT = 2**32
-
+DTYPES = {name: getattr(torch, name) for name in contract.DTYPES}
+SEED_LIMIT = contract.SEED_LIMIT
 # "original": dalle2-pytorch 0.11.5 exactly. Its network does `mask &= keep_mask` on the
 #   caller's mask, so the first unconditional pass zeroes the text mask for good: from the
 #   second step on, the conditional pass attends to no text encodings, only to the text
 #   embedding. The LAION prior's published outputs at cond_scale != 1 include this.
 # "standard": classifier-free guidance as intended: every conditional pass sees the text.
-GUIDANCE = ("original", "standard")
+GUIDANCE = contract.GUIDANCE
 
 
 @dataclass
@@ -99,26 +97,27 @@ class Prior:
     def embed(
         self,
         prompts: str | Sequence[str],
-        candidates: int = 2,
-        cond_scale: float = 1.0,
+        candidates: int = contract.DEFAULT_CANDIDATES,
+        cond_scale: float = contract.DEFAULT_COND_SCALE,
         steps: int | None = None,
         seed: int | None = None,
-        guidance: str = "original",
-        sampler: str = "ddpm",
+        guidance: str = contract.DEFAULT_GUIDANCE,
+        sampler: str = contract.DEFAULT_SAMPLER,
         on_step: Callable[[int, int], None] | None = None,
     ) -> EmbedResult:
         """Sample `candidates` image embeddings per prompt and keep the one closest to the text.
 
         steps == num_timesteps (1000) with sampler "ddpm" is 0.11.5's exact sampler; fewer
-        steps respace the schedule. None means DEFAULT_STEPS (64), or all of a shorter schedule.
-        `on_step(i, total)` is called after each step. Bad arguments raise ValueError.
+        steps respace the schedule. None means contract.DEFAULT_STEPS (64), or all of a shorter
+        schedule. `on_step(i, total)` is called after each step. Bad arguments raise
+        contract.ArgumentError (a ValueError) naming the argument, before any work.
         """
         prompts = _prompt_list(prompts)
         if steps is None:
-            steps = min(DEFAULT_STEPS, self.config.num_timesteps)
-        _check_arguments(prompts, candidates, cond_scale, steps, seed, guidance, sampler, self.config.num_timesteps)
-        candidates, steps, cond_scale = int(candidates), int(steps), float(cond_scale)  # numpy scalars too
-        seed = secrets.randbelow(SEED_LIMIT) if seed is None else int(seed)
+            steps = min(contract.DEFAULT_STEPS, self.config.num_timesteps)
+        candidates, cond_scale, steps, seed = _check_arguments(
+            prompts, candidates, cond_scale, steps, seed, guidance, sampler, self.config.num_timesteps)
+        seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
         seeds = [(seed + i) % SEED_LIMIT for i in range(len(prompts))]
         started = time.perf_counter()
 
@@ -196,28 +195,69 @@ class Prior:
 
 
 def load(
-    weights: str | Path = DEFAULT_WEIGHTS,
+    weights: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     expected_sha256: str | None = None,
     cuda_graphs: bool = True,
     packed_weights: bool = True,
 ) -> Prior:
-    """Load a prior_ema_fp16.pth-format file or its converted .safetensors. Defaults: cuda
-    if present, else cpu; float16 on cuda (the original ran under fp16 autocast), float32
-    on cpu. `cuda_graphs` replays each step as a captured CUDA graph; `packed_weights` runs the
-    network's matmuls on weights prepacked for oneDNN on a CPU. Raises WeightsError."""
+    """Load a prior_ema_fp16.pth-format file or its converted .safetensors (None: the default
+    weights, contract.default_weights(); a .pth with a fresh conversion beside it loads that,
+    contract.resolve_weights). Defaults: cuda if present, else cpu; float16 on cuda (the
+    original ran under fp16 autocast), float32 on cpu. `cuda_graphs` replays each step as a
+    captured CUDA graph; `packed_weights` runs the network's matmuls on weights prepacked for
+    oneDNN on a CPU. Raises WeightsError for a bad file, ArgumentError for a bad argument
+    (before reading anything)."""
     started = time.perf_counter()
     device = _device(device)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
-    prior = Prior(read_checkpoint(weights, expected_sha256), device, dtype, cuda_graphs, packed_weights)
+    dtype = _dtype(dtype, device)
+    expected_sha256 = contract.check_sha256("expected_sha256", expected_sha256)
+    path = contract.resolve_weights(weights, expected_sha256)
+    prior = Prior(read_checkpoint(path, expected_sha256), device, dtype, cuda_graphs, packed_weights)
     prior.load_seconds = time.perf_counter() - started
     return prior
+
+
+def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise contract.ArgumentError("dtype", f"must be one of {', '.join(DTYPES)}, got {contract.shown(dtype)}")
+
+
+def result_record(result: EmbedResult, model: Prior, row: int = 0) -> dict:
+    """The JSON description of one prompt's result (result.json)."""
+    from . import __version__
+
+    return {
+        "prompt": result.prompts[row],
+        "seed": result.seeds[row],
+        "steps": result.steps,
+        "sampler": result.sampler,
+        "cond_scale": result.cond_scale,
+        "guidance": result.guidance,
+        "candidates": int(result.candidates.shape[1]),
+        "scores": [float(s) for s in result.scores[row]],
+        "chosen": int(result.chosen[row]),
+        "truncated": bool(result.truncated[row]),
+        "weights": str(model.weights_path),
+        "weights_sha256": model.weights_sha256,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "packed_weights": bool(model.packed),  # CPU matmuls on oneDNN-prepacked weights (prior/packed.py)
+        "load_seconds": round(model.load_seconds, 4),
+        "sample_seconds": round(result.sample_seconds, 4),
+        "versions": {
+            "conditioned_prior": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+    }
 
 
 def _build(cls, cfg, state: dict[str, torch.Tensor], path: Path, device: torch.device, dtype: torch.dtype | None):
@@ -233,51 +273,41 @@ def _build(cls, cfg, state: dict[str, torch.Tensor], path: Path, device: torch.d
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    """cpu or cuda[:N], checked here so that a typo or a missing GPU is a ValueError naming it."""
+    """cpu or cuda[:N], checked here so that a typo or a missing GPU is an ArgumentError naming it."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
         parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if parsed is None or parsed.type not in contract.DEVICES:
+        raise contract.ArgumentError("device", f"must be cpu or cuda, got {contract.shown(device)}")
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device must be cpu on this machine (no CUDA device), got {device!r}")
+        raise contract.ArgumentError("device", f"must be cpu on this machine (no CUDA device), got {contract.shown(device)}")
     return parsed
 
 
 def _prompt_list(prompts) -> list:
-    """One prompt or a sequence of them, as a list; anything else is a ValueError."""
+    """One prompt or a sequence of them, as a list; anything else is an ArgumentError."""
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence):
-        raise ValueError(f"prompts must be a string or a sequence of strings, got {type(prompts).__name__}")
+        raise contract.ArgumentError("prompts", f"must be a string or a sequence of strings, got {type(prompts).__name__}")
     return list(prompts)
 
 
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_arguments(prompts, candidates, cond_scale, steps, seed, guidance, sampler, num_timesteps) -> None:
-    """Raise ValueError naming the argument, the bound and the value (the API's own check).
-    Integers may be numpy integers; numbers any real number type."""
+def _check_arguments(prompts, candidates, cond_scale, steps, seed, guidance, sampler, num_timesteps):
+    """The API's own check, with the contract's bounds: ArgumentError naming the argument, the
+    bound and the value. Integers may be numpy integers, numbers any real number type.
+    Returns (candidates, cond_scale, steps, seed) as Python numbers."""
     if not prompts:
-        raise ValueError("prompts must hold at least one prompt, got none")
+        raise contract.ArgumentError("prompts", "must hold at least one prompt, got none")
     for p in prompts:
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompt must be non-empty text, got {p!r}")
-    if not _is_integer(candidates) or not 1 <= candidates <= 32:
-        raise ValueError(f"candidates must be an integer in 1..32, got {candidates!r}")
-    if isinstance(cond_scale, bool) or not isinstance(cond_scale, numbers.Real) or not np.isfinite(cond_scale) \
-            or not 0 <= cond_scale <= 5:
-        raise ValueError(f"cond_scale must be a finite number in 0..5, got {cond_scale!r}")
-    if not _is_integer(steps) or not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be an integer in 1..{num_timesteps}, got {steps!r}")
-    if seed is not None and (not _is_integer(seed) or not 0 <= seed < SEED_LIMIT):
-        raise ValueError(f"seed must be an integer in 0..{SEED_LIMIT - 1}, got {seed!r}")
-    if guidance not in GUIDANCE:
-        raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}, got {guidance!r}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        contract.check_prompt("prompt", p)
+    candidates = contract.check_int("candidates", candidates, *contract.CANDIDATES)
+    cond_scale = contract.check_real("cond_scale", cond_scale, *contract.COND_SCALE)
+    steps = contract.check_int("steps", steps, 1, num_timesteps)
+    seed = None if seed is None else contract.check_int("seed", seed, 0, SEED_LIMIT - 1)
+    contract.check_choice("guidance", guidance, contract.GUIDANCE)
+    contract.check_choice("sampler", sampler, contract.SAMPLERS)
+    return candidates, cond_scale, steps, seed

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -215,13 +214,11 @@ def ensure_current(path: Path = SCHEMA_PATH) -> bool:
     schema = build_schema()
     if is_current(path, schema):
         return False
-    import tempfile
+    from .contract import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        out.write(render(schema))
-    os.replace(staging, path)  # a server starting meanwhile never reads half a file
+    with atomic_path(path) as partial:  # a server starting meanwhile never reads half a file
+        partial.write_text(render(schema))
     return True
 
 

@@ -21,19 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
-import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import ArgumentError, add_sampling_arguments, check_device, int_in, load_for_sampling, prompt_text
+from .arguments import add_sampling_arguments, check_device, int_in, load_for_sampling, prompt_text
+from .contract import ArgumentError, PriorError
 
 IMAGE_INDEX = "image.index"  # clip-retrieval's name for the image side
 LABEL_COLUMNS = ("caption", "prompt", "text", "TEXT", "url", "URL", "image_path")  # shown in the table
 MAX_K = 10_000
 
 
-class IndexFileError(Exception):
+class IndexFileError(PriorError):
     """An index folder that cannot be used; the message names the file and the problem."""
 
 
@@ -95,18 +95,22 @@ def open_index(folder: Path, mmap: bool = False) -> ClipIndex:
     `mmap` maps the file instead of reading it, for indexes larger than memory."""
     folder = Path(folder)
     if not folder.exists():
-        raise ArgumentError(f"argument --index: no such folder or file, got {str(folder)!r}")
+        raise ArgumentError("index", f"no such folder or file, got {str(folder)!r}")
     index_file = folder / IMAGE_INDEX if folder.is_dir() else folder
     if not index_file.is_file():
-        raise ArgumentError(f"argument --index: must hold {IMAGE_INDEX} (a clip-retrieval index folder), "
+        raise ArgumentError("index", f"must hold {IMAGE_INDEX} (a clip-retrieval index folder), "
                             f"got {str(folder)!r} (no {str(index_file)!r})")
     import faiss
 
     try:
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(index_file), flags)
-    except RuntimeError as e:
-        raise IndexFileError(f"{index_file}: not a readable FAISS index ({_faiss_message(e)})") from None
+    except RuntimeError as e:  # FAISS raises RuntimeError for every kind of bad file
+        raise IndexFileError(f"{index_file}: not a readable FAISS index ({_first_line(e)})") from None
+    if index.ntotal == 0:
+        raise IndexFileError(f"{index_file}: holds no vectors (an empty index)")
+    if not index.is_trained:
+        raise IndexFileError(f"{index_file}: is not trained (an IVF or PQ index must be trained before vectors are added)")
     files = _metadata_files(index_file.parent / "metadata")
     rows = sum(count for _, _, count in files)
     if files and rows != index.ntotal:
@@ -131,11 +135,9 @@ def _metadata_files(folder: Path) -> list[tuple[Path, int, int]]:
     return files
 
 
-def _faiss_message(error: Exception) -> str:
-    """FAISS's messages start with the C++ function and source line; keep the reason."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    match = re.match(r"Error in .*? at \S+:\d+: (.*)", text)
-    return match.group(1) if match else text
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _jsonable(value):
@@ -183,16 +185,11 @@ def add_parser(commands) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     check_device(args.device)
-    try:
-        index = open_index(args.index, mmap=args.mmap)  # before torch is even imported: a wrong path fails fast
-    except IndexFileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    index = open_index(args.index, mmap=args.mmap)  # before torch is even imported: a wrong path fails fast
     model = load_for_sampling(args)
     if index.dim != model.config.dim:
-        print(f"error: {index.path}: holds {index.dim}-dimensional embeddings, but this prior makes "
-              f"{model.config.dim}-dimensional ones (an index of another CLIP model?)", file=sys.stderr)
-        return 1
+        raise IndexFileError(f"{index.path}: holds {index.dim}-dimensional embeddings, but this prior makes "
+                             f"{model.config.dim}-dimensional ones (an index of another CLIP model?)")
 
     result = model.embed(args.prompt, candidates=args.candidates, cond_scale=args.cond_scale, steps=args.steps,
                          seed=args.seed, guidance=args.guidance, sampler=args.sampler)
@@ -236,14 +233,20 @@ def _stack(arrays):
 def _label(hit: Hit) -> str:
     for column in LABEL_COLUMNS:
         if hit.metadata.get(column) not in (None, ""):
-            return " ".join(str(hit.metadata[column]).split())
+            return printable(" ".join(str(hit.metadata[column]).split()))
     return ""
+
+
+def printable(text: str) -> str:
+    """Text safe to print on a terminal: control and format characters (an escape sequence
+    hidden in a caption, `\\x1b[31m`) are shown escaped, not sent."""
+    return "".join(c if unicodedata.category(c)[0] != "C" else repr(c)[1:-1] for c in text)
 
 
 def _table(report: dict, hits: dict[str, list[Hit]]) -> str:
     """A plain table: one block per query, side by side when there are two."""
     score_name = "cosine" if report["metric"] == "inner_product" else "L2 dist"
-    lines = [f"query: {report['prompt']!r} (seed {report['seed']}, steps {report['steps']}, candidate "
+    lines = [f"query: {printable(repr(report['prompt']))} (seed {report['seed']}, steps {report['steps']}, candidate "
              f"{report['chosen']} of {report['candidates']}, score {report['chosen_score']:.4f}"
              f"{', truncated to 77 tokens' if report['truncated'] else ''})",
              f"index: {report['index']} ({report['index_count']} vectors, {report['metric'].replace('_', ' ')})"]

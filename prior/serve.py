@@ -21,10 +21,8 @@ import socket
 import sys
 from pathlib import Path
 
-from .cli import ArgumentError
+from .contract import WEIGHTS_ENV, ArgumentError
 from .schema import PREDICTOR_REF, PROJECT_ROOT, SCHEMA_PATH, ensure_current
-
-WEIGHTS_ENV = "PRIOR_WEIGHTS"  # predict.py's override of weights/prior_ema_fp16.pth
 
 
 def server_environment(port: int, weights: str | Path | None = None) -> dict[str, str]:
@@ -45,7 +43,7 @@ def check_port_free(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise ArgumentError(f"argument --host: must be an address of this machine, got {host!r} ({e.strerror})") from None
+        raise ArgumentError("host", f"must be an address of this machine, got {host!r} ({e.strerror})") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no obstacle
@@ -53,8 +51,8 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise ArgumentError(f"argument --port: must be free on {host}, got {port} ({e.strerror})") from None
-            raise ArgumentError(f"argument --host: must be an address of this machine, got {host!r} ({e.strerror})") from None
+                raise ArgumentError("port", f"must be free on {host}, got {port} ({e.strerror})") from None
+            raise ArgumentError("host", f"must be an address of this machine, got {host!r} ({e.strerror})") from None
 
 
 def serve(host: str = "127.0.0.1", port: int = 5000, weights: str | Path | None = None) -> None:

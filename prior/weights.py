@@ -23,23 +23,21 @@ import os
 import shutil
 import signal
 import sys
-import threading
 from pathlib import Path
 
-from .checkpoint import PRIOR_EMA_FP16_SHA256, sha256_of, sidecar_path, sidecar_sha256
-from .cli import OneLineParser, is_sha256, sha256_argument
+from . import contract
+from .arguments import OneLineParser, as_flag_message, file_path, folder_path, sha256_argument
+from .contract import PRIOR_EMA_FP16_SHA256, ArgumentError, PriorError, WeightsError, sha256_of
 
 HF_REPO = "laion/DALLE2-PyTorch"
-HF_FILENAME = "prior_ema_fp16.pth"
+HF_FILENAME = contract.WEIGHTS_NAME
 # The commit that added the file ("add slim fp16 ema weights for prior"). Only its short
-# hash is recorded in ../shared/REFERENCE.md; the SHA-256 check below pins the content
-# whatever the revision resolves to.
+# hash is known; the SHA-256 check below pins the content whatever the revision resolves to.
 HF_REVISION = "f19c9b6"
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 STAGING_NAME = ".download"  # under the destination directory: same disk, so the final move is a rename
 
 
-class WeightsFileError(Exception):
+class WeightsFileError(PriorError):
     """Downloading or checking failed; the message is one line for the user."""
 
 
@@ -55,48 +53,37 @@ def verify(path: str | Path, expected_sha256: str | None = None) -> str:
 
     With no expected hash, a .safetensors is checked against its `.sha256` sidecar (the
     converted file is not the published one) and any other file against the published
-    prior_ema_fp16.pth's. Always hashes the whole file, whatever a `.verified` stamp says.
+    prior_ema_fp16.pth's (contract.required_sha256). Always hashes the whole file, whatever a
+    `.verified` stamp says.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsFileError(f"{path}: {'not a regular file' if path.exists() else 'file not found'}")
-    expected, source = (expected_sha256, None) if expected_sha256 else _default_sha256(path)
+    try:
+        expected = contract.required_sha256(path, expected_sha256, published=True)
+    except WeightsError as e:
+        raise WeightsFileError(str(e)) from None
     actual = sha256_of(path)
-    if actual != expected.lower():
-        why = f" (from {source}): corrupted or changed since it was converted" if source else ""
-        raise WeightsFileError(f"{path}: SHA-256 is {actual}, expected {expected.lower()}{why}")
+    if actual != expected:
+        from_sidecar = expected_sha256 is None and path.suffix == ".safetensors"
+        why = f" (from {contract.sidecar_path(path).name}): corrupted or changed since it was converted" if from_sidecar else ""
+        raise WeightsFileError(f"{path}: SHA-256 is {actual}, expected {expected}{why}")
     return actual
 
 
-def _default_sha256(path: Path) -> tuple[str, str | None]:
-    """The hash to check `path` against when none is given, and the sidecar it came from."""
-    if path.suffix != ".safetensors":
-        return PRIOR_EMA_FP16_SHA256, None
-    sidecar = sidecar_path(path)
-    try:
-        recorded = sidecar_sha256(path)
-    except FileNotFoundError:
-        raise WeightsFileError(f"{path}: no {sidecar.name} sidecar to check it against "
-                               "(convert writes one; or give --sha256 HEX)") from None
-    except OSError as e:
-        raise WeightsFileError(f"{sidecar}: cannot read ({e.strerror or e})") from None
-    if recorded is None or not is_sha256(recorded):
-        raise WeightsFileError(f"{sidecar}: does not hold a SHA-256 (64 hexadecimal digits)")
-    return recorded, sidecar.name
-
-
-def download(dest: str | Path = WEIGHTS_DIR, revision: str = HF_REVISION,
+def download(dest: str | Path | None = None, revision: str = HF_REVISION,
              expected_sha256: str = PRIOR_EMA_FP16_SHA256, endpoint: str | None = None) -> Path:
     """Fetch prior_ema_fp16.pth into `dest` (resuming a partial download) and verify it.
 
     Returns the final path. A file already there with the right SHA-256 is kept as is.
+    `dest` defaults to the weights folder (contract.weights_dir()).
     """
-    dest = Path(dest)
-    created = _missing_folders(dest)
+    dest = Path(dest) if dest is not None else contract.weights_dir()
+    created = contract.missing_folders(dest)
     try:
         return _download(dest, revision, expected_sha256, endpoint)
     except BaseException:  # Ctrl-C included: a folder made for nothing is not left behind
-        _remove_empty(created)
+        contract.remove_empty(created)
         raise
 
 
@@ -141,9 +128,10 @@ def _download(dest: Path, revision: str, expected_sha256: str, endpoint: str | N
 
 def _is_not_found(error: Exception) -> bool:
     """An HTTP 404 (or huggingface_hub's revision/entry-not-found errors), not a network failure."""
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
     response = getattr(error, "response", None)
-    return getattr(response, "status_code", None) == 404 or type(error).__name__ in (
-        "RevisionNotFoundError", "EntryNotFoundError")
+    return getattr(response, "status_code", None) == 404 or isinstance(error, RevisionNotFoundError | EntryNotFoundError)
 
 
 def _fetch(url: str, staging: Path) -> Path:
@@ -190,35 +178,13 @@ def _remove_if_nothing_to_resume(staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _missing_folders(folder: Path) -> list[Path]:
-    """`folder` and those of its parents that do not exist yet, deepest first: what a
-    command that fails may remove again."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove these folders (deepest first) while they are empty; one holding anything, such
-    as partial download data to resume from, is kept, and so are its parents."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except FileNotFoundError:
-            continue
-        except OSError:
-            return
-
-
 def _make_folder(folder: Path) -> list[Path]:
     """Create `folder` and its missing parents; return those created (see _missing_folders)."""
-    created = _missing_folders(folder)
+    created = contract.missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        _remove_empty(created)
+        contract.remove_empty(created)
         raise WeightsFileError(f"{folder}: cannot create the folder ({e.strerror or e})") from None
     return created
 
@@ -226,42 +192,57 @@ def _make_folder(folder: Path) -> list[Path]:
 def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = None) -> Path:
     """Write a safetensors copy of `src` (default: beside it, .safetensors) that loads faster,
     creating `dst`'s folder if needed (removed again if the conversion fails).
-    dtype "float32" suits CPU inference (no conversion at load); default keeps float16."""
+    dtype "float32" suits CPU inference (no conversion at load); default keeps float16.
+    A `dst` that is `src` itself, or not named .safetensors (nothing would read it), is an
+    ArgumentError: the source is never touched."""
+    src = Path(src)
+    dst = src.with_suffix(".safetensors") if dst is None else Path(dst)
+    if dst.suffix != ".safetensors":
+        raise ArgumentError("dst", f"must end in .safetensors (what loaders recognise), got {repr(str(dst))}")
+    if dst.resolve() == src.resolve() or (dst.exists() and src.exists() and dst.samefile(src)):
+        raise ArgumentError("dst", f"must differ from SRC, got {repr(str(dst))} (it would overwrite the source)")
+    if dtype is not None:
+        contract.check_choice("dtype", dtype, CONVERT_DTYPES)
     import torch
 
     from . import checkpoint
 
-    src = Path(src)
-    dst = src.with_suffix(".safetensors") if dst is None else Path(dst)
     created = _make_folder(dst.parent)
     try:
         checkpoint.convert_to_safetensors(src, dst, dtype=getattr(torch, dtype) if dtype else None)
     except BaseException as e:  # Ctrl-C included: nothing is left behind, not even the folder
-        _remove_empty(created)
-        if isinstance(e, checkpoint.WeightsError):
+        contract.remove_empty(created)
+        if isinstance(e, WeightsError):
             raise WeightsFileError(str(e)) from None
         raise
     return dst
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m prior.weights", description="Fetch, check and convert the prior's weights.")
-    commands = parser.add_subparsers(dest="command", required=True)
+CONVERT_DTYPES = ("float16", "float32")
+
+
+def build_parser(prog: str = "python -m prior.weights") -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=prog, description="Fetch, check and convert the prior's weights.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    default = contract.default_weights()
 
     fetch = commands.add_parser("download", help=f"fetch {HF_FILENAME} from Hugging Face {HF_REPO} and verify it")
-    fetch.add_argument("--dest", type=Path, default=WEIGHTS_DIR, help="directory for the file (default: %(default)s)")
+    fetch.add_argument("--dest", type=folder_path, default=None,
+                       help=f"folder for the file (default: {contract.weights_dir()})")
     fetch.add_argument("--revision", default=HF_REVISION, help="Hugging Face revision (default: %(default)s)")
 
     check = commands.add_parser("verify", help="check a weights file's SHA-256")
-    check.add_argument("path", nargs="?", type=Path, default=WEIGHTS_DIR / HF_FILENAME, help="default: %(default)s")
+    check.add_argument("path", nargs="?", type=file_path, default=default, help="default: %(default)s")
     check.add_argument("--sha256", type=sha256_argument, default=None,
                        help="expected SHA-256 (default: a .safetensors file's .sha256 sidecar, else the published .pth's)")
 
     conv = commands.add_parser("convert", help="write a .safetensors copy that loads faster")
-    conv.add_argument("src", nargs="?", type=Path, default=WEIGHTS_DIR / HF_FILENAME, help="default: %(default)s")
-    conv.add_argument("dst", nargs="?", type=Path, default=None, help="default: SRC with the suffix .safetensors")
-    conv.add_argument("--dtype", choices=("float16", "float32"), default=None,
+    conv.add_argument("src", metavar="SRC", nargs="?", type=file_path, default=default, help="default: %(default)s")
+    conv.add_argument("dst", metavar="DST", nargs="?", type=file_path, default=None,
+                      help="default: SRC with the suffix .safetensors")
+    conv.add_argument("--dtype", choices=CONVERT_DTYPES, default=None,
                       help="precision to store (default: the source's, float16); float32 loads fastest for CPU inference")
+    parser.commands = dict(commands.choices)  # each command's parser, for naming flags in errors
     return parser
 
 
@@ -272,35 +253,27 @@ INTERRUPTED = {  # only a download keeps what it had, to resume from
 }
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a `kill`, a container stopping), raised like Ctrl-C so the same clean-up runs."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+def main(argv: list[str] | None = None, prog: str = "python -m prior.weights") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     try:
-        if args.command == "download":
-            path = download(args.dest, args.revision)
-            print(f"{path}: OK (SHA-256 {PRIOR_EMA_FP16_SHA256})")
-        elif args.command == "verify":
-            print(f"{args.path}: OK (SHA-256 {verify(args.path, args.sha256)})")
-        else:
-            print(f"wrote {convert(args.src, args.dst, args.dtype)}")
-    except WeightsFileError as e:
+        with contract.sigterm_as_interrupt():
+            if args.command == "download":
+                path = download(args.dest, args.revision)
+                print(f"{path}: OK (SHA-256 {PRIOR_EMA_FP16_SHA256})")
+            elif args.command == "verify":
+                print(f"{args.path}: OK (SHA-256 {verify(args.path, args.sha256)})")
+            else:
+                print(f"wrote {convert(args.src, args.dst, args.dtype)}")
+    except ArgumentError as e:
+        print(f"{prog} {args.command}: error: {as_flag_message(e, parser.commands[args.command])}", file=sys.stderr)
+        return 2
+    except PriorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         print(INTERRUPTED[args.command], file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        return 128 + (signal.SIGTERM if isinstance(e, contract.Terminated) else signal.SIGINT)
     return 0
 
 
