@@ -164,14 +164,18 @@ class Batcher:
                 raise _AllCancelled
 
         self.batches = [*self.batches[-999:], len(batch)]
+        started = time.perf_counter()
         try:
             results = self.model.embed_many([p.request for p in batch], batch[0].steps, batch[0].sampler,
                                             on_step=stop_when_all_cancelled)
         except _AllCancelled:
+            print(f"batch of {len(batch)} stopped: every request was cancelled", flush=True)
             return
         except Exception as e:  # every request of the batch fails with the same one-line error
             for pending in batch:
                 pending.settle(error=e)
             return
+        print(f"sampled a batch of {len(batch)} ({sum(p.rows for p in batch)} rows, {batch[0].steps} steps "
+              f"{batch[0].sampler}) in {time.perf_counter() - started:.2f} s", flush=True)
         for pending, result in zip(batch, results, strict=True):
             pending.settle(result)

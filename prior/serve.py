@@ -56,6 +56,7 @@ MAX_BODY = 1024 * 1024
 HEAD_SECONDS = 10.0
 HEALTH_SECONDS = 0.5  # how often coglet's health is polled
 STOP_SECONDS = 30.0  # how long running predictions may take to finish at shutdown
+DEAD = (None, "UNHEALTHY", "DEFUNCT")  # coglet's health when it or its worker is gone (None: no answer)
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 
 
@@ -165,6 +166,7 @@ class Supervisor:
         self.restarts = 0
         self.folders = CogletFolders(keep=4 * max_concurrency)
         self.stopping = asyncio.Event()
+        self.wake_watch = asyncio.Event()  # check coglet's health now, not at the next poll
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -191,9 +193,10 @@ class Supervisor:
         shutil.rmtree(self.tmp, ignore_errors=True)  # what a dead child left
         self.tmp.mkdir(parents=True, exist_ok=True)
         env = server_environment(self.coglet_port, self.weights, self.max_concurrency, self.tmp)
-        # its own process group, so that stopping it stops its worker too
+        # its own process group, so that stopping it stops its worker too; and it gets SIGTERM
+        # should this process die without stopping it (its worker exits when coglet does)
         self.child = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=PROJECT_ROOT,
-                                      env=env, start_new_session=True)
+                                      env=env, start_new_session=True, preexec_fn=_stop_with_parent)
         self.ready_for_requests = False
 
     def stop_child(self, grace: float = STOP_SECONDS) -> None:
@@ -215,7 +218,9 @@ class Supervisor:
         """Restart coglet when it or its worker is dead; leave SETUP_FAILED alone."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(HEALTH_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake_watch.wait(), HEALTH_SECONDS)
+            self.wake_watch.clear()
             status = await self.coglet_health()
             self.ready_for_requests = status is not None
             dead = self.child is None or self.child.poll() is not None or status in ("UNHEALTHY", "DEFUNCT")
@@ -299,6 +304,11 @@ class Supervisor:
         except (OSError, asyncio.IncompleteReadError):
             return await respond(writer, 503, {"detail": "the model server is restarting; retry shortly"},
                                  extra=b"Retry-After: 5\r\n")
+        if status == 200 and answer_status(response_body) == "failed" and await self.coglet_health() in DEAD:
+            # the worker died under this prediction: say so as a retryable error, and restart it now
+            self.wake_watch.set()
+            return await respond(writer, 503, {"detail": "the model server crashed and is restarting; retry shortly"},
+                                 extra=b"Retry-After: 5\r\n")
         writer.write(response_head + response_body)
         await writer.drain()
         if method in ("POST", "PUT") and path.startswith("/predictions") and not path.endswith("/cancel"):
@@ -359,11 +369,20 @@ def prediction_id_of(method: str, path: str, body: bytes) -> tuple[str | None, l
 
 
 def answer_id(body: bytes) -> str | None:
+    return _answer_field(body, "id")
+
+
+def answer_status(body: bytes) -> str | None:
+    return _answer_field(body, "status")
+
+
+def _answer_field(body: bytes, name: str) -> str | None:
+    """A string field of a prediction's JSON answer, if it has one."""
     try:
-        prediction_id = json.loads(body).get("id")
+        value = json.loads(body).get(name)
     except (ValueError, AttributeError):
         return None
-    return prediction_id if isinstance(prediction_id, str) else None
+    return value if isinstance(value, str) else None
 
 
 async def respond(writer: asyncio.StreamWriter, status: int, payload: dict, extra: bytes = b"") -> None:
@@ -373,6 +392,14 @@ async def respond(writer: asyncio.StreamWriter, status: int, payload: dict, extr
     writer.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
                  .encode() + extra + b"Connection: close\r\n\r\n" + body)
     await writer.drain()
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
