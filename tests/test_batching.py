@@ -130,6 +130,25 @@ def test_requests_with_other_steps_or_sampler_wait_for_their_own_batch(model):
         assert_same_result(got, solo(model, request, steps, sampler))
 
 
+def test_a_burst_arriving_over_a_few_milliseconds_is_one_batch(model):
+    """An idle batcher waits GATHER_SECONDS after a first request for the rest of a burst (HTTP
+    requests sent together arrive a few milliseconds apart)."""
+    batcher = Batcher(lambda: model)
+
+    async def spread_burst():
+        tasks = []
+        for request in MIXED[:3]:
+            tasks.append(asyncio.create_task(batcher.submit(request, 4)))
+            await asyncio.sleep(0.005)
+        return await asyncio.gather(*tasks)
+
+    try:
+        asyncio.run(spread_burst())
+    finally:
+        batcher.close()
+    assert batcher.batches == [3]
+
+
 def test_max_rows_splits_a_burst(model):
     batcher = Batcher(lambda: model, max_rows=4)  # MIXED[0] is 2 rows, MIXED[3] 3 rows: never together
     try:
@@ -229,7 +248,9 @@ def test_a_cancelled_request_still_queued_is_never_sampled(model):
         queued = asyncio.create_task(batcher.submit(MIXED[1], 10))
         await asyncio.sleep(0.05)
         queued.cancel()
-        return await asyncio.gather(running, queued, return_exceptions=True)
+        outcome = await asyncio.gather(running, queued, return_exceptions=True)
+        await asyncio.sleep(0.5)  # time for the worker to take anything left in the queue
+        return outcome
 
     try:
         done, cancelled = asyncio.run(cancel_queued())

@@ -204,6 +204,8 @@ def _long_texts() -> list[str]:
     return [
         corpus_text,
         " " * 70_000 + "a cat on a mat " * 20,  # the tokens start in the second piece
+        " " * 65_530 + "antidisestablishmentarianism " * 30,  # ... and straddle the first cut
+        "\n" * 65_534 + "cafÃ© &amp; 5!$ " * 30,  # a line's mojibake and entities across it
         "\n" * 100_000 + "&amp; cafÃ© 5!$ " * 30,  # ... after only line breaks
         "\u200b " * 40_000 + "a red cube",  # invisible text first: it makes no tokens
         "\t".join(["word"] * 30_000),  # no line break at all: cut at whitespace
