@@ -292,7 +292,7 @@ class Resamples:
 
     def interval(self, value: float, replicates: np.ndarray) -> dict[str, float]:
         tail = (100 - CONFIDENCE) / 2
-        low, high = np.percentile(replicates, [tail, 100 - tail])
+        low, high = np.nanpercentile(replicates, [tail, 100 - tail])  # NaN: a ratio over a resample without spread
         return {"value": float(value), "low": float(low), "high": float(high)}
 
     def mean(self, values: np.ndarray) -> dict[str, float]:
@@ -342,7 +342,8 @@ def prediction_metrics(predictions: np.ndarray, texts: np.ndarray, images: np.nd
         **{f"recall_at_{k}": resamples.mean(hits[k]) for k in KS},
         "median_rank": resamples.median(ranks(predictions, images)),
         "norm": resamples.mean(np.linalg.norm(predictions, axis=1)),
-        "variance_ratio": resamples.interval(predicted_variance / true_variance, predicted / true),
+        "variance_ratio": resamples.interval(predicted_variance / true_variance,
+                                             np.divide(predicted, true, out=np.full_like(predicted, np.nan), where=true > 0)),
     }
 
 
