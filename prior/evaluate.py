@@ -273,22 +273,26 @@ def top_k_hits(queries: np.ndarray, gallery: np.ndarray, ks: tuple[int, ...] = K
 
 
 class Resamples:
-    """Bootstrap resamples of the pairs: `count` draws of n pair indices with replacement. The
-    same draws serve every metric and setting, so that settings are compared on equal terms."""
+    """Bootstrap resamples of the pairs: `count` draws of n pair indices with replacement, made in
+    blocks of at most BLOCK indices (memory stays bounded for large sets) and drawn again, the same,
+    for each statistic. The same draws serve every metric and setting, so that settings are
+    compared on equal terms."""
+
+    BLOCK = 1 << 24
 
     def __init__(self, n: int, count: int = DEFAULT_RESAMPLES, seed: int = 0):
-        self.n, self.count = n, count
-        self.rows = np.random.default_rng([seed, 2]).integers(0, n, size=(count, n))
-        self._weights = None
+        self.n, self.count, self.seed = n, count, seed
 
-    @property
-    def weights(self) -> np.ndarray:
-        """(count, n): how often each pair is drawn in each resample."""
-        if self._weights is None:
-            offsets = (self.rows + self.n * np.arange(self.count)[:, None]).ravel()
-            self._weights = np.bincount(offsets, minlength=self.count * self.n).reshape(self.count, self.n)
-            self._weights = self._weights.astype(np.float32)
-        return self._weights
+    def blocks(self):
+        """The resamples, a (resamples, n) array of pair indices at a time."""
+        size = max(1, self.BLOCK // self.n)
+        for block, start in enumerate(range(0, self.count, size)):
+            rng = np.random.default_rng([self.seed, 2, block])
+            yield rng.integers(0, self.n, size=(min(size, self.count - start), self.n))
+
+    def replicates(self, statistic) -> np.ndarray:
+        """statistic(rows) -> one value per resample, over every block."""
+        return np.concatenate([statistic(rows) for rows in self.blocks()])
 
     def interval(self, value: float, replicates: np.ndarray) -> dict[str, float]:
         tail = (100 - CONFIDENCE) / 2
@@ -297,19 +301,25 @@ class Resamples:
 
     def mean(self, values: np.ndarray) -> dict[str, float]:
         values = np.asarray(values, dtype=np.float64)
-        return self.interval(values.mean(), values[self.rows].mean(axis=1))
+        return self.interval(values.mean(), self.replicates(lambda rows: values[rows].mean(axis=1)))
 
     def median(self, values: np.ndarray) -> dict[str, float]:
         values = np.asarray(values, dtype=np.float64)
-        return self.interval(np.median(values), np.median(values[self.rows], axis=1))
+        return self.interval(np.median(values), self.replicates(lambda rows: np.median(values[rows], axis=1)))
 
     def variances(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         """Mean per-dimension variance of the rows of x, and its value in every resample."""
         x = np.asarray(x, dtype=np.float32)
-        value = float(x.var(axis=0).mean())
-        mean = self.weights @ x / self.n
-        squares = self.weights @ np.sum(np.square(x, dtype=np.float64), axis=1) / self.n
-        return value, (squares - np.sum(np.square(mean, dtype=np.float64), axis=1)) / x.shape[1]
+        squares = np.sum(np.square(x, dtype=np.float64), axis=1)
+
+        def variance(rows: np.ndarray) -> np.ndarray:
+            # how often each pair is drawn in each resample, so that the sums are matrix products
+            offsets = (rows + self.n * np.arange(len(rows))[:, None]).ravel()
+            weights = np.bincount(offsets, minlength=rows.size).reshape(rows.shape).astype(np.float32)
+            mean = weights @ x / self.n
+            return (weights @ squares / self.n - np.sum(np.square(mean, dtype=np.float64), axis=1)) / x.shape[1]
+
+        return float(x.var(axis=0).mean()), self.replicates(variance)
 
 
 def baseline_metrics(texts: np.ndarray, images: np.ndarray, resamples: Resamples) -> dict[str, dict[str, float]]:

@@ -171,6 +171,21 @@ def test_bootstrap_interval_covers_the_known_value():
     assert low <= 0.25 <= high and high - low < 0.05
 
 
+def test_resamples_in_blocks_give_each_statistic_of_each_resample(monkeypatch):
+    """Bounded memory: resamples come in blocks; every statistic is that of the resampled rows."""
+    monkeypatch.setattr(Resamples, "BLOCK", 50 * 7)  # blocks of 7 resamples of 50 pairs, the last one shorter
+    resamples = Resamples(50, 300, seed=3)
+    assert [len(rows) for rows in resamples.blocks()] == [7] * 42 + [6]
+    rows = np.concatenate(list(resamples.blocks()))
+    assert np.array_equal(rows, np.concatenate(list(resamples.blocks())))  # drawn again, the same
+    values, x = np.random.default_rng(4).normal(size=50), np.random.default_rng(5).normal(size=(50, 4))
+    tail = np.percentile(values[rows].mean(axis=1), [2.5, 97.5])
+    assert [resamples.mean(values)[k] for k in ("low", "high")] == pytest.approx(tail, abs=1e-12)
+    tail = np.percentile(np.median(values[rows], axis=1), [2.5, 97.5])
+    assert [resamples.median(values)[k] for k in ("low", "high")] == pytest.approx(tail, abs=1e-12)
+    assert resamples.variances(x)[1] == pytest.approx([x[r].var(axis=0).mean() for r in rows], rel=1e-5)
+
+
 def test_report_table_and_plots_are_written_and_readable(aligned):
     import matplotlib.image
 
@@ -182,12 +197,21 @@ def test_report_table_and_plots_are_written_and_readable(aligned):
             assert interval["low"] <= interval["high"] and all(math.isfinite(v) for v in interval.values())
         assert entry["metrics"]["similarity_original"]["low"] <= entry["metrics"]["similarity_original"]["value"] \
             <= entry["metrics"]["similarity_original"]["high"]
-    table = (aligned / "report.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ddpm |") or any(
-        line.startswith(f"| {s} |") for s in contract.SAMPLERS)]
-    assert len(rows) == len(report["settings"]) and "| similarity with original image |" in table
-    own_row = next(r for r in rows if r.startswith(f"| ddpm | 1 | 2 | original | {STEPS} |"))
-    assert own_row.split(" | ")[5].startswith("1.000 (1.000–1.000)")
+    table = [line.strip("|").split(" | ") for line in (aligned / "report.md").read_text().splitlines()]
+    header = next(cells for cells in table if cells[0].strip() == "sampler")
+    rows = [dict(zip([h.strip() for h in header], [c.strip() for c in cells], strict=True)) for cells in table
+            if cells[0].strip() in contract.SAMPLERS]
+    assert len(rows) == len(report["settings"])
+    for row, entry in zip(rows, report["settings"], strict=True):
+        assert (row["sampler"], int(row["steps"]), float(row["cond_scale"])) == \
+            (entry["sampler"], entry["steps"], entry["cond_scale"])
+        for metric, (label, _) in METRICS.items():
+            value, interval = row[label].split(" (")
+            low, high = interval.rstrip(")").split("–")
+            digits = 1 if metric == "median_rank" else 3
+            for shown, exact in zip((value, low, high), (entry["metrics"][metric][k] for k in ("value", "low", "high")),
+                                    strict=True):
+                assert float(shown) == pytest.approx(exact, abs=0.6 * 10**-digits), (metric, row)
     for metric in METRICS:
         image = matplotlib.image.imread(aligned / "plots" / f"{metric}.png")
         assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0  # a picture, not a blank page
