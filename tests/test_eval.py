@@ -178,6 +178,7 @@ def test_resamples_in_blocks_give_each_statistic_of_each_resample(monkeypatch):
     assert [len(rows) for rows in resamples.blocks()] == [7] * 42 + [6]
     rows = np.concatenate(list(resamples.blocks()))
     assert np.array_equal(rows, np.concatenate(list(resamples.blocks())))  # drawn again, the same
+    assert len(np.unique(rows, axis=0)) == 300  # and no block repeats another
     values, x = np.random.default_rng(4).normal(size=50), np.random.default_rng(5).normal(size=(50, 4))
     tail = np.percentile(values[rows].mean(axis=1), [2.5, 97.5])
     assert [resamples.mean(values)[k] for k in ("low", "high")] == pytest.approx(tail, abs=1e-12)
@@ -240,6 +241,14 @@ def test_limit_draws_a_seeded_sample(own, tmp_path):
     full = read_pairs(pairs)
     position = {row: i for i, row in enumerate(full.source_rows)}
     assert np.array_equal(first.images, full.images[[position[r] for r in first.source_rows]])
+
+
+def test_grid_takes_the_contract_samplers(monkeypatch):
+    monkeypatch.setattr(contract, "SAMPLERS", (*contract.SAMPLERS, "a-new-sampler"))
+    assert evaluate.grid_item("sampler=a-new-sampler,ddpm") == ("sampler", ("a-new-sampler", "ddpm"))
+    assert evaluate.grid_item("cond-scale=2,1,2") == ("cond_scale", (2.0, 1.0))
+    with pytest.raises(Exception, match=f"must be one of {', '.join(contract.SAMPLERS)}, got 'other'"):
+        evaluate.grid_item("sampler=other")
 
 
 BAD_INPUT = {
