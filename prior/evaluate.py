@@ -371,8 +371,8 @@ class Setting:
 
     @property
     def name(self) -> str:
-        """The chunk folder's name: every field, in file-name-safe characters."""
-        text = f"{self.sampler}_steps{self.steps}_scale{self.cond_scale:g}_n{self.candidates}_{self.guidance}"
+        """The chunk folder's name: every field (cond_scale exactly), in file-name-safe characters."""
+        text = f"{self.sampler}_steps{self.steps}_scale{self.cond_scale!r}_n{self.candidates}_{self.guidance}"
         return re.sub(r"[^A-Za-z0-9._+-]", "-", text)
 
 

@@ -243,6 +243,12 @@ def test_limit_draws_a_seeded_sample(own, tmp_path):
     assert np.array_equal(first.images, full.images[[position[r] for r in first.source_rows]])
 
 
+def test_setting_names_tell_every_setting_apart():
+    settings = {evaluate.Setting(sampler, steps, scale, n, guidance) for sampler in contract.SAMPLERS
+                for steps in (10, 100) for scale in (1.0, 1.0000001, 1.5) for n in (1, 2) for guidance in contract.GUIDANCE}
+    assert len({s.name for s in settings}) == len(settings)
+
+
 def test_grid_takes_the_contract_samplers(monkeypatch):
     monkeypatch.setattr(contract, "SAMPLERS", (*contract.SAMPLERS, "a-new-sampler"))
     assert evaluate.grid_item("sampler=a-new-sampler,ddpm") == ("sampler", ("a-new-sampler", "ddpm"))
@@ -335,3 +341,7 @@ def test_resume_redoes_only_unfinished_chunks(own, tiny_checkpoint, tmp_path, ca
     assert evaluate_cli(pairs, out, tiny_checkpoint, *options) == 0
     assert calls == [5, 5, 5, 4]  # the 7th to 10th chunks only: rows 5-9, 10-14, 15-19, 20-23 of the second setting
     assert (out / "report.json").read_bytes() == (tmp_path / "whole" / "report.json").read_bytes()
+
+    calls.clear()  # a grid that adds a setting computes only that one
+    assert evaluate_cli(pairs, out, tiny_checkpoint, "--settings", "steps=2,3,4", "--chunk-size", "5") == 0
+    assert calls == [5, 5, 5, 5, 4] and len(json.loads((out / "report.json").read_text())["settings"]) == 3
