@@ -166,6 +166,10 @@ def _read_clip_retrieval(folder: Path, column: str):
                    f"{len(metadata)} in {str(folder)!r}")
     arrays, captions, dim = [], [], None
     for npy, (parquet, _, count) in zip(embedding_files, metadata, strict=True):
+        numbers = [re.search(r"(\d*)$", p.stem).group(1) for p in (npy, parquet)]
+        if all(numbers) and int(numbers[0]) != int(numbers[1]):
+            raise _bad(f"{str(npy)!r} pairs with {str(parquet)!r} in sorted order, but their numbers differ: "
+                       "img_emb/ and metadata/ must hold the same parts")
         try:
             array = np.load(npy, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:

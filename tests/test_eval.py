@@ -263,6 +263,7 @@ BAD_INPUT = {
     "embedding dimension": "embeddings must be 64-dimensional like this prior's, got 32",
     "row counts": "holds 14 rows but",
     "file counts": "as many img_emb/*.npy as metadata/*.parquet files, got 2 and 1",
+    "file numbers": "in sorted order, but their numbers differ",
     "NaN embedding": "got NaN or infinite values in row 7",
     "empty set": "at least 2 pairs with a non-blank caption, got 0",
     "no such folder": "argument PAIRS: no such folder or file",
@@ -301,6 +302,11 @@ def test_bad_input_is_one_line_and_exit_2_before_sampling(case, own, tiny_checkp
     elif case == "file counts":
         write_clip_retrieval(pairs, captions, images)
         (pairs / "metadata" / "metadata_1.parquet").unlink()
+    elif case == "file numbers":
+        write_clip_retrieval(pairs, captions, images, splits=(0, 10, 20))
+        (pairs / "metadata" / "metadata_1.parquet").rename(pairs / "metadata" / "metadata_3.parquet")
+        (pairs / "img_emb" / "img_emb_1.npy").rename(pairs / "img_emb" / "img_emb_3.npy")
+        (pairs / "metadata" / "metadata_2.parquet").rename(pairs / "metadata" / "metadata_1.parquet")
     elif case not in ("no embedding column", "no such folder"):
         write_clip_retrieval(pairs, captions, images)
     before = sorted(tmp_path.rglob("*"))
