@@ -1,4 +1,4 @@
-"""The `prior` command (also `python -m prior`): embed, serve, batch, search, weights.
+"""The `prior` command (also `python -m prior`): embed, serve, batch, search, eval, weights.
 
 Only the entry point lives here; nothing imports this module. Options come from
 prior/arguments.py, their bounds from prior/contract.py.
@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from . import batch, contract, search
+from . import batch, contract, evaluate, search
 from .arguments import (
     OneLineParser,
     add_sampling_arguments,
@@ -61,6 +61,7 @@ def build_parser(prog: str = "prior") -> tuple[argparse.ArgumentParser, dict[str
 
     batch.add_parser(commands)
     search.add_parser(commands)
+    evaluate.add_parser(commands)
     return parser, dict(commands.choices)
 
 
