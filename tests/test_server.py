@@ -385,6 +385,18 @@ def test_cancelling_one_prediction_of_a_batch_lets_the_other_finish(server, tiny
     assert _relative(_array(output["candidates"]), _solo(tiny_checkpoint, kept).candidates[0]) < 1e-5
 
 
+def test_a_client_that_disconnects_mid_prediction_takes_nothing_with_it(server):
+    """The proxy closes coglet's connection as the client did; whatever cog then does with that
+    prediction, the server goes on serving and frees the slot."""
+    body = json.dumps({"input": {**SLOW, "seed": 9}}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(b"POST /predictions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.5)
+    _succeeded(*server.predict({"prompt": "after a hang-up", "steps": 2, "seed": 1}))
+    assert server.is_ready(within=120)
+
+
 BAD_IDS = ["a\u0000b", "x" * 300, "/etc/prior-test-absolute", "../../prior-test-escape", "..", ".hidden", "a/b", ""]
 
 
