@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .contract import DEFAULT_SAMPLER
 from .pipeline import EmbedResult, Prior, Request
 
 MAX_ROWS = 256  # network rows per pass (candidates, doubled for guided requests): see README "Serving"
@@ -91,7 +92,7 @@ class Batcher:
         self._thread.start()
         self.model: Prior = loaded.result()
 
-    async def submit(self, request: Request, steps: int | None = None, sampler: str = "ddpm") -> EmbedResult:
+    async def submit(self, request: Request, steps: int | None = None, sampler: str = DEFAULT_SAMPLER) -> EmbedResult:
         """Sample one request in the next batch it fits in. Bad values raise ArgumentError here,
         before queueing, so one bad request never fails a batch."""
         (request,), steps = self.model.check([request], steps, sampler)
