@@ -456,7 +456,8 @@ def test_folders_stay_bounded_over_two_thousand_predictions_and_go_at_shutdown(t
     nothing of the server's is left once it has stopped."""
     (tmp_path / "tmp").mkdir()
     running = Server(tiny_checkpoint, tmp_path / "server.log", env={"TMPDIR": str(tmp_path / "tmp")})
-    ids = [f"bounded-{i}" for i in range(2000)]
+    run = os.urandom(4).hex()  # ids of this run only: coglet's folder is shared by every server on the host
+    ids = [f"bounded-{run}-{i}" for i in range(2000)]
     try:
         assert running.wait_for_setup()["status"] == "READY"
 
