@@ -41,7 +41,7 @@ SEED_LIMIT = 2**32  # seeds are 0 .. SEED_LIMIT - 1
 # "standard": textbook classifier-free guidance.
 GUIDANCE = ("original", "standard")
 DEFAULT_GUIDANCE = "original"
-SAMPLERS = ("ddpm", "ddim")  # prior.diffusion.SAMPLERS maps each name to its function
+SAMPLERS = ("ddpm", "ddim", "sde-dpmpp-2m", "dpmpp-2m")  # prior.diffusion.SAMPLERS maps each name to its function
 DEFAULT_SAMPLER = "ddpm"
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
