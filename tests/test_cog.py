@@ -16,6 +16,7 @@ import yaml
 
 import predict
 import prior
+from prior import contract
 from prior import schema as openapi
 from prior.checkpoint import convert_to_safetensors
 from prior.weights import HF_FILENAME, HF_REPO, HF_REVISION
@@ -141,9 +142,10 @@ def test_schema_inputs_are_the_documented_ones(fresh_schema):
     bounds = {name: (props[name]["type"], props[name].get("default"), props[name]["minimum"], props[name]["maximum"])
               for name in ("candidates", "cond_scale", "steps", "seed")}
     assert bounds == {"candidates": ("integer", 2, 1, 32), "cond_scale": ("number", 1.0, 0, 5),
-                      "steps": ("integer", 64, 1, 1000), "seed": ("integer", None, 0, 2**32 - 1)}
+                      "steps": ("integer", contract.DEFAULT_STEPS, 1, 1000), "seed": ("integer", None, 0, 2**32 - 1)}
     assert props["seed"]["nullable"] is True
     assert schemas["guidance"]["enum"] == list(prior.GUIDANCE) and props["guidance"]["default"] == "original"
+    assert schemas["sampler"]["enum"] == list(contract.SAMPLERS) and props["sampler"]["default"] == contract.DEFAULT_SAMPLER
     assert all(p.get("description") for p in props.values())
     output = schemas["Output"]
     assert output["required"] == ["text_tokens", "text_embedding", "image_embedding", "candidates", "scores", "chosen", "seed"]
