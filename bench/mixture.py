@@ -495,6 +495,8 @@ def two_sample(a: torch.Tensor, b: torch.Tensor, directions: torch.Tensor, level
 
 
 def real_main(args: argparse.Namespace) -> int:
+    """Per prompt: --samples embeddings from --sampler at --steps, and two sets from the 1000-step
+    DDPM (the original), each set against the first DDPM set; the second DDPM set is the floor."""
     import prior
 
     info = machine_info()
