@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from prior import contract
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("PRIOR_BENCH_CACHE", REPO / "bench" / "cache"))
 RESULTS = REPO / "bench" / "results"
@@ -48,6 +50,12 @@ GUIDED_COND_SCALE = 3.0  # any value but 1 turns guidance (the unconditional pas
 
 
 # -- the checkpoint ---------------------------------------------------------------------
+
+def sampler_at(steps: int) -> str:
+    """The sampler of a prediction row: 0.11.5's own (ddpm) at all 1000 steps, the original the
+    oracle is compared with; the default sampler at fewer."""
+    return "ddpm" if steps == 1000 else contract.DEFAULT_SAMPLER
+
 
 def full_checkpoint(cache: Path = CACHE) -> Path:
     """The full-size random checkpoint (1.35 GB), built once (about a minute) and cached.

@@ -56,6 +56,7 @@ from bench.common import (
     print_table,
     ratio,
     results_path,
+    sampler_at,
     time_interleaved,
     tiny_checkpoint,
     write_json,
@@ -261,7 +262,8 @@ class Bench:
                 results, seconds = {}, {}
                 for dtype, model in self.models.items():
                     started = time.perf_counter()
-                    results[dtype] = model.embed(PROMPTS[0], candidates=2, steps=steps, seed=SEED, cond_scale=cond_scale)
+                    results[dtype] = model.embed(PROMPTS[0], candidates=2, steps=steps, seed=SEED, cond_scale=cond_scale,
+                                                 sampler=sampler_at(steps))
                     seconds[dtype] = time.perf_counter() - started
                 text_s, per_step = oracle_per_step[cond_scale]
                 oracle_s = text_s + per_step * steps

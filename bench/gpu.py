@@ -55,6 +55,7 @@ from bench.common import (
     print_table,
     ratio,
     results_path,
+    sampler_at,
     time_interleaved,
     tiny_checkpoint,
     write_json,
@@ -242,7 +243,8 @@ class GpuBench:
                     model = self.models[dtype]
 
                     def embed(model=model, steps=steps, cond_scale=cond_scale):
-                        return model.embed(PROMPTS[0], candidates=2, steps=steps, seed=SEED, cond_scale=cond_scale)
+                        return model.embed(PROMPTS[0], candidates=2, steps=steps, seed=SEED, cond_scale=cond_scale,
+                                           sampler=sampler_at(steps))
 
                     sync()
                     started = time.perf_counter()
@@ -267,8 +269,8 @@ class GpuBench:
                 if self.eager is not None and steps == 64:
                     self.log(f"{label}: float16 with the engine's CUDA graphs off")
                     timing = time_interleaved({"x": lambda s=steps, c=cond_scale: self.eager.embed(
-                        PROMPTS[0], candidates=2, steps=s, seed=SEED, cond_scale=c)}, repeats=self.args.repeats,
-                        sync=sync)["x"]
+                        PROMPTS[0], candidates=2, steps=s, seed=SEED, cond_scale=c, sampler=sampler_at(s))},
+                        repeats=self.args.repeats, sync=sync)["x"]
                     self.add_row("prediction", f"{label}, CUDA graphs off", text_s + per_step * steps,
                                  {"float16_eager": timing.median}, note="oracle extrapolated", steps=steps,
                                  cond_scale=cond_scale, oracle_extrapolated=True)

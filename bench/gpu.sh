@@ -12,7 +12,10 @@
 #    from the index. Nothing is installed when they all import already;
 # 2. without a CUDA torch: a venv in /tmp with requirements-test.txt from the index;
 # 3. the full-size random checkpoint, built into bench/cache (about a minute);
-# 4. python -m bench.gpu, which writes its JSON and the table under $OUT.
+# 4. python -m bench.gpu, which writes its JSON and the table under $OUT;
+# 5. only with WITH_SAMPLERS=1: python -m bench.mixture real, the default sampler against the
+#    1000-step DDPM prompt by prompt (SAMPLER_WEIGHTS, default the random checkpoint: point it at
+#    the trained weights for a measurement that means something; SAMPLER_PROMPTS, SAMPLER_SAMPLES).
 # Everything goes to $OUT/gpu-bench.log as well; $OUT defaults to bench/cache/gpu-out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,5 +93,10 @@ if "$py" -c 'import cog, coglet' 2>/dev/null && [ $(( $(date +%s) - started )) -
     --out "$OUT/serve-gpu.json" || stamp "bench/serve.py did not finish"
 else
   stamp "skipping bench/serve.py (cog not importable, or no time left)"
+fi
+if [ "${WITH_SAMPLERS:-0}" = 1 ]; then
+  stamp "running bench/mixture.py real: the default sampler against the 1000-step DDPM, prompt by prompt"
+  PYTHONUNBUFFERED=1 "$py" -W ignore -m bench.mixture real --weights "${SAMPLER_WEIGHTS:-bench/cache/full-seed0.pth}" \
+    --prompts "${SAMPLER_PROMPTS:-4}" --samples "${SAMPLER_SAMPLES:-256}" --out-dir "$OUT"
 fi
 stamp "done"

@@ -4,6 +4,17 @@ A sampler is a plain function over a denoiser `denoise(x_t, t, i) -> x_0` (t: (B
 i: the index of the step, 0 first) and a `Schedule`: the timesteps to visit, high to low,
 with the per-step coefficients. Nothing here knows what the denoiser is.
 
+Samplers (`SAMPLERS`, name -> function, all with one signature):
+- `ddpm`: ancestral sampling, 0.11.5's own at every timestep (exact schedule), else respaced.
+- `ddim`: deterministic DDIM (eta = 0) on the same evenly spaced timesteps.
+- `sde-dpmpp-2m`: SDE-DPM-Solver++(2M), midpoint form, in x_0-prediction (Lu et al. 2022,
+  "DPM-Solver++", the SDE variant as k-diffusion's `sample_dpmpp_2m_sde` and diffusers'
+  `sde-dpmsolver++`). Its first-order step is exactly the DDPM posterior on its own grid; the
+  second-order term corrects for how the prediction of x_0 moves between steps.
+- `dpmpp-2m`: DPM-Solver++(2M), the deterministic (probability-flow ODE) form.
+The DPM-Solver++ pair runs on `log_snr_timesteps`: t = T - 1, then integer timesteps evenly
+spread in log-SNR from LOG_SNR_MIN to the t = 0 end.
+
 Schedules:
 - `exact_schedule`: all timesteps, coefficients read from the checkpoint's own buffers
   (fp16-rounded, as dalle2-pytorch 0.11.5 uses them after loading the file).
@@ -21,12 +32,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 NoiseSource = Callable[[], torch.Tensor]
 
-SAMPLERS = ("ddpm", "ddim")
+# Lowest log-SNR on the DPM-Solver++ grids after the first step from t = T - 1: EDM's
+# sigma_max = 80 (lambda = log(alpha / sigma) = -log 80). Points below it are at the t = T - 1
+# end, where x_0's prediction barely moves (t = 992..999 for the cosine schedule).
+LOG_SNR_MIN = -math.log(80.0)
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,7 @@ class Schedule:
     noise_std: torch.Tensor  # exp(0.5 * clipped posterior log-variance); not applied at t = 0
     alphas_cumprod: torch.Tensor  # at each kept timestep (for DDIM)
     alphas_cumprod_prev: torch.Tensor  # at the next kept timestep below (1 after the last)
+    log_snr: torch.Tensor  # float64 log(alpha / sigma) = 0.5 log(ac / (1 - ac)) at each kept timestep
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -55,6 +71,12 @@ def cosine_alphas_cumprod(num_timesteps: int, s: float = 0.008) -> torch.Tensor:
     return torch.cumprod(1 - betas, dim=0)
 
 
+def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha / sigma), float64; +inf where alphas_cumprod is 1, -inf where it is 0."""
+    ac = alphas_cumprod.double()
+    return 0.5 * (ac.log() - torch.log1p(-ac))
+
+
 def exact_schedule(buffers: dict[str, torch.Tensor]) -> Schedule:
     """Every timestep, with the checkpoint's `noise_scheduler.*` buffers as they are."""
     n = len(buffers["posterior_mean_coef1"])
@@ -67,6 +89,7 @@ def exact_schedule(buffers: dict[str, torch.Tensor]) -> Schedule:
         noise_std=(0.5 * f32["posterior_log_variance_clipped"][steps]).exp(),
         alphas_cumprod=f32["alphas_cumprod"][steps],
         alphas_cumprod_prev=f32["alphas_cumprod_prev"][steps],
+        log_snr=log_snr(buffers["alphas_cumprod"][steps]),
     )
 
 
@@ -96,21 +119,54 @@ def respaced_schedule(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> 
         noise_std=(0.5 * variance.clamp(min=1e-20).log()).exp().float(),
         alphas_cumprod=ac.float(),
         alphas_cumprod_prev=ac_prev.float(),
+        log_snr=log_snr(ac),
     )
 
 
-def make_schedule(buffers: dict[str, torch.Tensor], steps: int, sampler: str = "ddpm") -> Schedule:
-    """DDPM over every timestep: the exact schedule. Otherwise the cosine schedule respaced.
+def log_snr_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` distinct timesteps, descending: T - 1 (pure noise, where x_T is drawn), then
+    steps - 1 integer timesteps evenly spread in log-SNR from LOG_SNR_MIN to the t = 0 end.
 
-    DDIM always uses the float64 cumulative alphas: it divides by sqrt(1 - alphas_cumprod),
-    which the fp16 buffers make 0 at t = 0.
+    The log-SNR targets are mapped to continuous timesteps (linear interpolation between the
+    integers) and rounded; where rounding makes neighbours collide (at the t = 0 end, where
+    log-SNR moves fastest) they are pushed apart by one. Over all T steps this is every timestep.
+    """
+    num_timesteps = len(alphas_cumprod)
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
+    if steps == 1:
+        return torch.tensor([num_timesteps - 1])
+    lam = log_snr(alphas_cumprod[: num_timesteps - 1]).numpy()  # descending in t, finite below T - 1
+    low = max(LOG_SNR_MIN, float(lam[-1]))
+    targets = np.linspace(low, lam[0], steps - 1) if steps > 2 else np.array([lam[0]])
+    t = np.interp(targets, lam[::-1], np.arange(num_timesteps - 2, -1, -1, dtype=np.float64))
+    kept = torch.from_numpy(np.rint(t)).long()  # descending, may repeat; the last is 0
+    index = torch.arange(steps - 1)
+    # each at least one above the next: kept[k] >= kept[j] + (j - k) for every j > k
+    kept = (kept + index).flip(0).cummax(0).values.flip(0) - index
+    kept = torch.minimum(kept, num_timesteps - 2 - index)  # and below T - 1, one apart
+    return torch.cat([torch.tensor([num_timesteps - 1]), kept])
+
+
+def make_schedule(buffers: dict[str, torch.Tensor], steps: int, sampler: str = "ddpm") -> Schedule:
+    """The schedule `sampler` runs over `steps` steps of the checkpoint's T timesteps.
+
+    ddpm over every timestep: the exact schedule, from the checkpoint's buffers. Otherwise the
+    float64 cosine schedule at the sampler's timesteps: evenly spaced for ddpm and ddim, the
+    log-SNR grid for the DPM-Solver++ samplers. (DDIM divides by sqrt(1 - alphas_cumprod),
+    which the fp16 buffers make 0 at t = 0.)
     """
     num_timesteps = len(buffers["posterior_mean_coef1"])
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if steps == num_timesteps and sampler == "ddpm":
         return exact_schedule(buffers)
-    return respaced_schedule(cosine_alphas_cumprod(num_timesteps), spaced_timesteps(num_timesteps, steps))
+    alphas_cumprod = cosine_alphas_cumprod(num_timesteps)
+    if sampler in LOG_SNR_GRID:
+        timesteps = log_snr_timesteps(alphas_cumprod, steps)
+    else:
+        timesteps = spaced_timesteps(num_timesteps, steps)
+    return respaced_schedule(alphas_cumprod, timesteps)
 
 
 def ddpm_sample(
@@ -139,8 +195,8 @@ def ddim_sample(
     schedule: Schedule,
     x: torch.Tensor,
     draw_noise: NoiseSource,
-    eta: float = 0.0,
     on_step: Callable[[int], None] | None = None,
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """DDIM from x = x_T. eta = 0 is deterministic given x_T: no noise is drawn after x_T."""
     for i, t in enumerate(schedule.timesteps.tolist()):
@@ -155,3 +211,90 @@ def ddim_sample(
         if on_step is not None:
             on_step(i)
     return x
+
+
+def _alpha_sigma(lam: float) -> tuple[float, float]:
+    """alpha = sqrt(sigmoid(2 lambda)), sigma = sqrt(sigmoid(-2 lambda)): alpha^2 + sigma^2 = 1."""
+    return math.sqrt(1 / (1 + math.exp(-2 * lam))), math.sqrt(1 / (1 + math.exp(2 * lam)))
+
+
+def dpmpp_2m_sde_sample(
+    denoise: Denoiser,
+    schedule: Schedule,
+    x: torch.Tensor,
+    draw_noise: NoiseSource,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M), midpoint form, from x = x_T. Step i goes from timestep s to the
+    next kept timestep t (h = lambda_t - lambda_s > 0) with x_0's predictions D now and D' at
+    the step before:
+
+        x_t = sigma_t / sigma_s e^-h x_s + alpha_t (1 - e^-2h) (D + (D - D') / 2r)
+              + sigma_t sqrt(1 - e^-2h) z,     r = h_before / h
+
+    The first step has no D' (first order: exactly the DDPM posterior step); the last, at
+    t = 0, returns its prediction of x_0, as DDPM does. One noise draw per step, after the
+    network call, none on the last.
+    """
+    lambdas = schedule.log_snr.tolist()
+    last = len(lambdas) - 1
+    x0_before, h_before = None, 0.0
+    for i, t in enumerate(schedule.timesteps.tolist()):
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        x0 = denoise(x, t_batch, i)
+        if i == last:
+            x = x0
+        else:
+            (_, sigma_s), (alpha_t, sigma_t) = _alpha_sigma(lambdas[i]), _alpha_sigma(lambdas[i + 1])
+            h = lambdas[i + 1] - lambdas[i]
+            gain = -math.expm1(-2 * h)  # 1 - e^-2h
+            x0_step = x0 if x0_before is None else x0 + (x0 - x0_before) * (0.5 * h / h_before)
+            x = (sigma_t / sigma_s * math.exp(-h)) * x + (alpha_t * gain) * x0_step
+            x = x + (sigma_t * math.sqrt(gain)) * draw_noise()
+            x0_before, h_before = x0, h
+        if on_step is not None:
+            on_step(i)
+    return x
+
+
+def dpmpp_2m_sample(
+    denoise: Denoiser,
+    schedule: Schedule,
+    x: torch.Tensor,
+    draw_noise: NoiseSource,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) from x = x_T: the probability-flow ODE, deterministic after x_T.
+
+        x_t = sigma_t / sigma_s x_s + alpha_t (1 - e^-h) (D + (D - D') / 2r),    r = h_before / h
+
+    Same grid, first and last steps as `dpmpp_2m_sde_sample`; no noise is drawn after x_T.
+    """
+    lambdas = schedule.log_snr.tolist()
+    last = len(lambdas) - 1
+    x0_before, h_before = None, 0.0
+    for i, t in enumerate(schedule.timesteps.tolist()):
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        x0 = denoise(x, t_batch, i)
+        if i == last:
+            x = x0
+        else:
+            (_, sigma_s), (alpha_t, sigma_t) = _alpha_sigma(lambdas[i]), _alpha_sigma(lambdas[i + 1])
+            h = lambdas[i + 1] - lambdas[i]
+            x0_step = x0 if x0_before is None else x0 + (x0 - x0_before) * (0.5 * h / h_before)
+            x = (sigma_t / sigma_s) * x + (-alpha_t * math.expm1(-h)) * x0_step
+            x0_before, h_before = x0, h
+        if on_step is not None:
+            on_step(i)
+    return x
+
+
+Sampler = Callable[..., torch.Tensor]  # (denoise, schedule, x_T, draw_noise, on_step=None) -> x_0
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": ddpm_sample,
+    "ddim": ddim_sample,
+    "sde-dpmpp-2m": dpmpp_2m_sde_sample,
+    "dpmpp-2m": dpmpp_2m_sample,
+}
+LOG_SNR_GRID = ("sde-dpmpp-2m", "dpmpp-2m")  # the samplers that run on log_snr_timesteps

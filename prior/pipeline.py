@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import contract
 from .checkpoint import Weights, WeightsError, read_checkpoint
-from .diffusion import ddim_sample, ddpm_sample, make_schedule
+from .diffusion import SAMPLERS, make_schedule
 from .graphs import GraphedDenoiser
 from .model import STEP_LEN, Condition, PriorNetwork
 from .packed import pack_linears
@@ -243,10 +243,7 @@ class Prior:
 
         x = draw_noise()
         step_callback = None if on_step is None else (lambda i: on_step(i, len(schedule)))
-        if sampler == "ddpm":
-            x = ddpm_sample(denoise, schedule, x, draw_noise, on_step=step_callback)
-        else:
-            x = ddim_sample(denoise, schedule, x, draw_noise, eta=0.0, on_step=step_callback)
+        x = SAMPLERS[sampler](denoise, schedule, x, draw_noise, on_step=step_callback)
 
         images, scores, chosen = [], [], []
         text_unit = F.normalize(text.embed, dim=-1)

@@ -96,7 +96,8 @@ def test_cases_cover_the_matrix():
 @pytest.mark.parametrize(("name", "prompt", "candidates", "cond_scale", "seed"), CASES,
                          ids=[f"{c[0]}-n{c[2]}-s{c[3]}" for c in CASES])
 def test_embed_matches_oracle(models, oracles, oracle_embedding, name, prompt, candidates, cond_scale, seed):
-    result = models(name).embed(prompt, candidates=candidates, cond_scale=cond_scale, steps=1000, seed=seed)
+    result = models(name).embed(prompt, candidates=candidates, cond_scale=cond_scale, steps=1000, seed=seed,
+                                sampler="ddpm")
     tokens = clip.tokenize([prompt], truncate=True)
     raw_text, _, _ = oracle_text(oracles(name), tokens)
 
@@ -126,7 +127,7 @@ def test_cli_matches_oracle(tmp_path, tiny_checkpoints, oracles, oracle_embeddin
     name, prompt, candidates, cond_scale, seed = CASES[1]
     out = tmp_path / "out"
     command = [sys.executable, "-m", "prior", "embed", prompt, "--weights", str(tiny_checkpoints[name]),
-               "--candidates", str(candidates), "--cond-scale", str(cond_scale), "--steps", "1000",
+               "--candidates", str(candidates), "--cond-scale", str(cond_scale), "--steps", "1000", "--sampler", "ddpm",
                "--seed", str(seed), "--device", "cpu", "--dtype", "float32", "--quiet", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
@@ -147,6 +148,6 @@ def test_exact_sampler_on_other_schedules(schedule_checkpoints, name):
     expected = oracle_sample(load_oracle(path, shape), tokens, 11, 2, 2.5)
     model = prior.load(path, device="cpu", dtype="float32")
     assert model.config.num_timesteps == shape.timesteps
-    result = model.embed(prompt, candidates=2, cond_scale=2.5, steps=shape.timesteps, seed=11)
+    result = model.embed(prompt, candidates=2, cond_scale=2.5, steps=shape.timesteps, seed=11, sampler="ddpm")
     assert result.steps == shape.timesteps
     assert_close_relative(result.image_embedding, expected)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import prior
+from prior.contract import DEFAULT_SAMPLER
 from prior.diffusion import (
     Schedule,
     cosine_alphas_cumprod,
@@ -70,7 +71,7 @@ def test_result_fields_shapes_and_dtypes(model):
     assert result.chosen.shape == (2,) and result.chosen.dtype == np.int64
     assert result.seed == 11 and result.seeds == [11, 12]
     assert result.truncated == [False, False]
-    assert (result.steps, result.cond_scale, result.guidance, result.sampler) == (8, 2.0, "original", "ddpm")
+    assert (result.steps, result.cond_scale, result.guidance, result.sampler) == (8, 2.0, "original", DEFAULT_SAMPLER)
     assert result.sample_seconds >= 0
     for array in (result.text_embedding, result.image_embedding, result.candidates, result.scores):
         assert np.isfinite(array).all()
@@ -312,8 +313,10 @@ def test_standard_guidance_is_the_oracle_without_its_mask_quirk(model, tiny_orac
     prompt, seed, candidates, cond_scale = PROMPTS[1] + " and a lighthouse", 21, 2, 3.5
     expected = oracle_sample(tiny_oracle, clip.tokenize([prompt], truncate=True), seed, candidates, cond_scale).numpy()
 
-    standard = model.embed(prompt, candidates=candidates, cond_scale=cond_scale, steps=1000, seed=seed, guidance="standard")
-    original = model.embed(prompt, candidates=candidates, cond_scale=cond_scale, steps=1000, seed=seed, guidance="original")
+    standard = model.embed(prompt, candidates=candidates, cond_scale=cond_scale, steps=1000, seed=seed, guidance="standard",
+                           sampler="ddpm")
+    original = model.embed(prompt, candidates=candidates, cond_scale=cond_scale, steps=1000, seed=seed, guidance="original",
+                           sampler="ddpm")
     assert relative_error(standard.image_embedding, expected) < 1e-4
     assert relative_error(original.image_embedding, expected) > 1e-2, "the quirk should matter at cond_scale 3.5"
 
