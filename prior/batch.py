@@ -511,6 +511,13 @@ def check_manifest(out: Path, previous: dict | None, record: dict) -> None:
                                    "repeat its settings to resume it, or choose another --out")
 
 
+def remove_partials(folder: Path) -> None:
+    """Delete the temporary files (`.*.partial`) a killed run left in `folder`: the shards they
+    belonged to are unfinished and will be written again."""
+    for partial in folder.glob(".*.partial"):
+        partial.unlink(missing_ok=True)
+
+
 def write_manifest(out: Path, record: dict) -> None:
     with contract.atomic_path(out / MANIFEST) as partial:
         partial.write_text(json.dumps(record, indent=2) + "\n")
@@ -591,6 +598,7 @@ def run_batch(args: argparse.Namespace) -> int:
         job = Job(out, prompts, settings, args.batch_size, shards, todo)
         for folder in ("img_emb", "text_emb", "metadata"):
             (out / folder).mkdir(parents=True, exist_ok=True)
+            remove_partials(out / folder)
         write_manifest(out, record)
 
         bar = progress_bar(len(prompts.texts), args.quiet, desc="embedding", unit="prompt", initial=job.rows_done())

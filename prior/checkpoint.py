@@ -207,13 +207,11 @@ def convert_to_safetensors(
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
 
 
-def save_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str], f) -> str:
+def save_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str], f) -> None:
     """Write `state` to the open binary file `f` in the safetensors format (an 8-byte header
-    length, a JSON header of names, dtypes, shapes and byte offsets, then the raw bytes), and
-    return the SHA-256 of what was written. Our own writer, so that a failing disk is a plain
-    OSError with its errno (safetensors' save_file reports it only as text)."""
-    import hashlib
-
+    length, a JSON header of names, dtypes, shapes and byte offsets, then the raw bytes). Our
+    own writer, so that a failing disk is a plain OSError with its errno (safetensors'
+    save_file reports it only as text)."""
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name in sorted(state):
@@ -224,29 +222,25 @@ def save_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str], f
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    digest = hashlib.sha256()
-    for chunk in (len(head).to_bytes(8, "little"), head):
-        f.write(chunk)
-        digest.update(chunk)
+    f.write(len(head).to_bytes(8, "little"))
+    f.write(head)
     for name in sorted(state):
-        data = state[name].contiguous().view(-1).view(torch.uint8).numpy().data
-        f.write(data)
-        digest.update(data)
-    return digest.hexdigest()
+        f.write(state[name].contiguous().view(-1).view(torch.uint8).numpy().data)
 
 
 def _write_converted(state: dict[str, torch.Tensor], metadata: dict[str, str], dst: Path) -> None:
-    """Write `dst` and its sidecar whole (contract.atomic_path). The sidecar is renamed into
-    place just before the file, with Ctrl-C and SIGTERM held back across both renames, so a
-    sidecar never describes another file than the one beside it; only a hard kill (SIGKILL,
-    power loss) between the two renames can leave a new sidecar beside the old file, which a
-    load then reports as changed since conversion. On any failure both partial files
-    (hundreds of MB) are deleted: a conversion always starts over."""
+    """Write `dst` and its sidecar whole (contract.atomic_paths). The sidecar holds the SHA-256
+    of the bytes read back from disk. Both are renamed into place, sidecar first, with Ctrl-C
+    and SIGTERM held back across the two renames, so a sidecar never describes another file
+    than the one beside it; only a hard kill (SIGKILL, power loss) between the two renames can
+    leave a new sidecar beside an old file, which a load then reports as changed since
+    conversion. On any failure both partial files (hundreds of MB) are deleted: a conversion
+    always starts over."""
     try:
         with contract.atomic_paths([contract.sidecar_path(dst), dst]) as (sidecar_partial, partial):
             with open(partial, "wb") as f:
-                sha256 = save_safetensors(state, metadata, f)
-            sidecar_partial.write_text(f"{sha256}  {dst.name}\n")
+                save_safetensors(state, metadata, f)
+            sidecar_partial.write_text(f"{sha256_of(partial)}  {dst.name}\n")
     except contract.OutputError as e:
         raise WeightsError(dst, f"cannot write the converted file ({e.reason})") from None
 

@@ -45,7 +45,7 @@ SAMPLERS = ("ddpm", "ddim")  # prior.diffusion.SAMPLERS maps each name to its fu
 DEFAULT_SAMPLER = "ddpm"
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
-SHORTENED = 40  # a value longer than this is shortened in messages
+SHORTENED = 80  # a value longer than this is shortened in messages (a SHA-256 is not)
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -101,15 +101,19 @@ _ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})
 def parse_int(field: str, text: str, low: int, high: int) -> int:
     """Text as typed on a command line: plain ASCII decimal digits only (no '1_0', no other
     scripts' digits, no spaces), in low..high."""
-    if not _ASCII_INT.fullmatch(text) or not low <= int(text) <= high:
+    if not _ASCII_INT.fullmatch(text):
         raise ArgumentError(field, f"must be an integer in {low}..{high}, got {shown(text)}")
+    if not low <= int(text) <= high:
+        raise ArgumentError(field, f"must be an integer in {low}..{high}, got {text}")
     return int(text)
 
 
 def parse_float(field: str, text: str, low: float, high: float) -> float:
     """Text as typed on a command line: a plain ASCII decimal number, in low..high; -0 is 0."""
-    if not _ASCII_FLOAT.fullmatch(text) or not low <= float(text) <= high:
+    if not _ASCII_FLOAT.fullmatch(text):
         raise ArgumentError(field, f"must be a finite number in {low:g}..{high:g}, got {shown(text)}")
+    if not low <= float(text) <= high:
+        raise ArgumentError(field, f"must be a finite number in {low:g}..{high:g}, got {text}")
     return float(text) + 0.0  # -0.0 + 0.0 is 0.0
 
 
@@ -272,23 +276,19 @@ def sidecar_sha256(path: str | Path) -> str | None:
     fields = data[:200].split()
     recorded = fields[0].decode("ascii", errors="replace") if fields else ""
     if not is_sha256(recorded):
-        raise WeightsError(sidecar, "does not hold a SHA-256 (64 hexadecimal digits); "
-                                    "run `prior weights convert` again")
+        raise WeightsError(sidecar, "does not hold a SHA-256 (64 hexadecimal digits)")
     return recorded.lower()
 
 
 def required_sha256(path: str | Path, given: str | None = None, published: bool = False) -> str | None:
     """The SHA-256 `path` must have: `given`, else a `.safetensors` file's sidecar, else (with
     `published`, as `verify` asks) LAION's published hash for any other file, else None (not
-    checked: a .pth is checked by its zip records' CRC-32 instead)."""
+    checked: a .pth is checked by its zip records' CRC-32 instead; a .safetensors without a
+    sidecar has nothing to be checked against)."""
     if given is not None:
         return given.lower()
     if Path(path).suffix == ".safetensors":
-        recorded = sidecar_sha256(path)
-        if recorded is None and published:
-            raise WeightsError(path, f"no {sidecar_path(path).name} sidecar to check it against "
-                                     "(convert writes one; or give the expected SHA-256)")
-        return recorded
+        return sidecar_sha256(path)
     return PRIOR_EMA_FP16_SHA256 if published else None
 
 
@@ -340,7 +340,7 @@ def signals_deferred() -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, mode: int = 0o666) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (named `.NAME.*.partial`, which readers' globs skip:
+    """Yield a temporary path beside `path` (named `.STEM.*SUFFIX.partial`, which readers' globs skip:
     write it through an open file, as np.save would append .npy to a bare path); once the body
     has written it, it is flushed to disk and renamed to `path` (`mode` under the umask). If the
     body fails, Ctrl-C included, the temporary file is removed and `path` is untouched. Write
@@ -358,7 +358,7 @@ def atomic_paths(paths: list[str | Path], mode: int = 0o666) -> Iterator[list[Pa
     partials: list[Path] = []
     try:
         for path in paths:
-            handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+            handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.partial", dir=path.parent)
             os.close(handle)
             partials.append(Path(name))
         yield partials

@@ -63,6 +63,9 @@ def verify(path: str | Path, expected_sha256: str | None = None) -> str:
         expected = contract.required_sha256(path, expected_sha256, published=True)
     except WeightsError as e:
         raise WeightsFileError(str(e)) from None
+    if expected is None:
+        raise WeightsFileError(f"{path}: no {contract.sidecar_path(path).name} sidecar to check it against "
+                               "(convert writes one; or give --sha256 HEX)")
     actual = sha256_of(path)
     if actual != expected:
         from_sidecar = expected_sha256 is None and path.suffix == ".safetensors"
