@@ -21,6 +21,7 @@ import pickle
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,7 +176,8 @@ def _remember_verified(path: Path, sha256: str) -> None:
 
 
 def convert_to_safetensors(
-    src: str | Path, dst: str | Path | None = None, expected_sha256: str | None = None, dtype: torch.dtype | None = None
+    src: str | Path, dst: str | Path | None = None, expected_sha256: str | None = None, dtype: torch.dtype | None = None,
+    done: Callable[[], None] | None = None,
 ) -> Path:
     """Write what inference needs from `src` to `dst` (default: src with .safetensors), plus
     `dst.sha256`. The source is fully checked first; `dst` appears only when complete.
@@ -183,7 +185,8 @@ def convert_to_safetensors(
     `dtype` stores the network and text weights in that precision (default: as in `src`,
     float16). Stored in the precision they run in (float32 on a CPU), they are used straight
     from the memory map, with no conversion at load. The schedule buffers keep the file's
-    fp16-rounded values either way (float32 holds them exactly).
+    fp16-rounded values either way (float32 holds them exactly). `done` runs once both files
+    are in place, before a held back Ctrl-C lands (contract.atomic_path).
     """
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_suffix(".safetensors")
@@ -199,7 +202,7 @@ def convert_to_safetensors(
     metadata = {"format": contract.CONVERTED_FORMAT, "source": src.name,
                 "source_sha256": weights.sha256 or sha256_of(src),
                 "source_size": str(source.st_size), "source_mtime_ns": str(source.st_mtime_ns)}
-    _write_converted(kept, metadata, dst)
+    _write_converted(kept, metadata, dst, done)
     return dst
 
 
@@ -228,7 +231,8 @@ def save_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str], f
         f.write(state[name].contiguous().view(-1).view(torch.uint8).numpy().data)
 
 
-def _write_converted(state: dict[str, torch.Tensor], metadata: dict[str, str], dst: Path) -> None:
+def _write_converted(state: dict[str, torch.Tensor], metadata: dict[str, str], dst: Path,
+                     done: Callable[[], None] | None = None) -> None:
     """Write `dst` and its sidecar whole (contract.atomic_paths). The sidecar holds the SHA-256
     of the bytes read back from disk. Both are renamed into place, sidecar first, with Ctrl-C
     and SIGTERM held back across the two renames, so a sidecar never describes another file
@@ -237,7 +241,7 @@ def _write_converted(state: dict[str, torch.Tensor], metadata: dict[str, str], d
     conversion. On any failure both partial files (hundreds of MB) are deleted: a conversion
     always starts over."""
     try:
-        with contract.atomic_paths([contract.sidecar_path(dst), dst]) as (sidecar_partial, partial):
+        with contract.atomic_paths([contract.sidecar_path(dst), dst], done=done) as (sidecar_partial, partial):
             with open(partial, "wb") as f:
                 save_safetensors(state, metadata, f)
             sidecar_partial.write_text(f"{sha256_of(partial)}  {dst.name}\n")

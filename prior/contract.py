@@ -174,6 +174,7 @@ def check_sha256(field: str, value: object) -> str | None:
 WEIGHTS_NAME = "prior_ema_fp16.pth"  # LAION's file
 WEIGHTS_ENV = "PRIOR_WEIGHTS"  # a weights file to use instead of the default
 CACHE_ENV = "PRIOR_CACHE"  # a folder for the default weights outside a source checkout
+DOWNLOAD_ENV = "PRIOR_DOWNLOAD"  # "1": `prior embed` downloads the default weights when they are missing
 # sha256 of LAION's file (huggingface.co/laion/DALLE2-PyTorch, prior_ema_fp16.pth)
 PRIOR_EMA_FP16_SHA256 = "b7d6ec6be12f285c0cd128655974b544885a49a3ff17feb5346226fea59757fa"
 CONVERTED_FORMAT = "conditioned-prior/1"  # the metadata tag of our converted .safetensors files
@@ -339,21 +340,23 @@ def signals_deferred() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, mode: int = 0o666) -> Iterator[Path]:
+def atomic_path(path: str | Path, mode: int = 0o666, done: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path` (named `.STEM.*SUFFIX.partial`, which readers' globs skip:
     write it through an open file, as np.save would append .npy to a bare path); once the body
     has written it, it is flushed to disk and renamed to `path` (`mode` under the umask). If the
     body fails, Ctrl-C included, the temporary file is removed and `path` is untouched. Write
-    failures are OutputError naming `path`."""
-    with atomic_paths([path], mode) as (partial,):
+    failures are OutputError naming `path`. `done` runs right after the rename, before a held
+    back Ctrl-C lands: it records that the file is written (for the message an interruption prints)."""
+    with atomic_paths([path], mode, done) as (partial,):
         yield partial
 
 
 @contextlib.contextmanager
-def atomic_paths(paths: list[str | Path], mode: int = 0o666) -> Iterator[list[Path]]:
+def atomic_paths(paths: list[str | Path], mode: int = 0o666,
+                 done: Callable[[], None] | None = None) -> Iterator[list[Path]]:
     """atomic_path for several files that belong together (a file and its sidecar): all are
     renamed into place, in the given order, with Ctrl-C and SIGTERM held back across the
-    renames, or none is."""
+    renames and `done`, or none is."""
     paths = [Path(p) for p in paths]
     partials: list[Path] = []
     try:
@@ -369,6 +372,8 @@ def atomic_paths(paths: list[str | Path], mode: int = 0o666) -> Iterator[list[Pa
         with signals_deferred():
             for partial, path in zip(partials, paths, strict=True):
                 os.replace(partial, path)
+            if done is not None:
+                done()
     except OSError as e:
         failed = paths[min(len(partials), len(paths) - 1)] if len(partials) < len(paths) else paths[0]
         raise OutputError(failed, f"cannot write ({os_reason(e)})", os_reason(e)) from None
@@ -377,7 +382,8 @@ def atomic_paths(paths: list[str | Path], mode: int = 0o666) -> Iterator[list[Pa
             partial.unlink(missing_ok=True)
 
 
-def write_folder(out: str | Path, writers: dict[str, Callable[[Path], None]], field: str = "out") -> None:
+def write_folder(out: str | Path, writers: dict[str, Callable[[Path], None]], field: str = "out",
+                 done: Callable[[], None] | None = None) -> None:
     """Write the files named by `writers` (name -> function writing that file at a path) into
     the folder `out`, all or nothing.
 
@@ -386,6 +392,7 @@ def write_folder(out: str | Path, writers: dict[str, Callable[[Path], None]], fi
     place one by one, the last name last, with Ctrl-C and SIGTERM held back meanwhile, after
     checking that nothing stands in their way. On any failure nothing in `out` has changed and
     no staging folder is left. OutputError (or ArgumentError for `out` itself) names the folder.
+    `done` runs once the files are in place, before a held back Ctrl-C lands (see atomic_path).
     """
     out = Path(out)
     check_output_folder(field, out)
@@ -411,6 +418,8 @@ def write_folder(out: str | Path, writers: dict[str, Callable[[Path], None]], fi
             else:
                 for name in writers:
                     os.replace(staging / name, out / name)
+            if done is not None:
+                done()
     except OSError as e:
         raise OutputError(out, f"cannot write ({os_reason(e)})", os_reason(e)) from None
     finally:
@@ -473,9 +482,10 @@ def result_arrays(result, row: int = 0) -> dict[str, object]:
     }
 
 
-def write_result(out: str | Path, result, row: int = 0, record: dict | None = None) -> None:
+def write_result(out: str | Path, result, row: int = 0, record: dict | None = None,
+                 done: Callable[[], None] | None = None) -> None:
     """Write one prompt's .npy files (and result.json when `record` is given) into `out`, all
-    or nothing (write_folder)."""
+    or nothing (write_folder, which runs `done` once they are in place)."""
     import numpy as np
 
     def saver(array):
@@ -485,4 +495,4 @@ def write_result(out: str | Path, result, row: int = 0, record: dict | None = No
     if record is not None:
         text = json.dumps(record, indent=2) + "\n"
         writers["result.json"] = lambda path: path.write_text(text)
-    write_folder(out, writers)
+    write_folder(out, writers, done=done)
