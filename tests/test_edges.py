@@ -243,7 +243,7 @@ def test_embed_interrupted_at_the_renames_says_the_outputs_are_there(
 def test_a_sidecar_of_binary_bytes_names_the_sidecar(tiny_checkpoint, tmp_path, capsys):
     converted = tmp_path / "x.safetensors"
     assert weights.main(["convert", str(tiny_checkpoint), str(converted)]) == 0
-    contract.sidecar_path(converted).write_bytes(bytes(range(256)) * 4)
+    contract.sidecar_path(converted).write_bytes(bytes(range(255, -1, -1)) * 4)
     capsys.readouterr()
     assert cli("embed", "a cat", "--weights", converted, *FAST, "--out", "out") == 1
     assert one_line(capsys) == f"error: {converted}.sha256: does not hold a SHA-256 (64 hexadecimal digits)"
