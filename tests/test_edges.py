@@ -7,6 +7,7 @@ The commands run in this process (prior.cli.main), except where a script or a ha
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -334,6 +335,9 @@ def test_only_plain_decimal_numbers(tiny_checkpoint, capsys, value):
 def test_minus_zero_is_recorded_as_zero(tiny_checkpoint, tmp_path):
     assert cli("embed", "a cat", "--weights", tiny_checkpoint, *FAST, "--out", "out", "--cond-scale", "-0") == 0
     assert '"cond_scale": 0.0,' in (tmp_path / "out" / "result.json").read_text()
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    assert cli("batch", "prompts.txt", "--weights", tiny_checkpoint, *FAST, "--out", "run", "--cond-scale", "-0") == 0
+    assert '"cond_scale": 0.0,' in (tmp_path / "run" / "batch.json").read_text()
 
 
 # 10. the Python API checks its arguments before any work
@@ -361,6 +365,7 @@ def test_cond_scale_takes_any_real_number_and_nothing_else(tiny_checkpoint):
     half = model.embed("a cat", cond_scale=Fraction(3, 2), steps=2, seed=1)
     assert half.cond_scale == 1.5 and type(half.cond_scale) is float
     np.testing.assert_array_equal(half.image_embedding, model.embed("a cat", cond_scale=1.5, steps=2, seed=1).image_embedding)
+    assert math.copysign(1, model.embed("a cat", cond_scale=-0.0, steps=2, seed=1).cond_scale) == 1
     for bad in ("1.5", 1.5j, True, float("nan"), None):
         with pytest.raises(ValueError, match=r"^cond_scale: must be a finite number in 0\.\.5, got "):
             model.embed("a cat", cond_scale=bad, steps=2, seed=1)
