@@ -311,32 +311,32 @@ def _raise_terminated(signum, frame):
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """While the body runs (in the main thread), SIGTERM raises Terminated, a KeyboardInterrupt."""
+def _in_main_thread(apply: Callable[[], object], undo: Callable[[object], object]) -> Iterator[None]:
+    """apply() before the body and undo(what it returned) after; nothing outside the main
+    thread, where signal handlers and masks cannot be changed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = apply()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        undo(previous)
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
+def sigterm_as_interrupt() -> contextlib.AbstractContextManager[None]:
+    """While the body runs (in the main thread), SIGTERM raises Terminated, a KeyboardInterrupt."""
+    return _in_main_thread(lambda: signal.signal(signal.SIGTERM, _raise_terminated),
+                           lambda previous: signal.signal(signal.SIGTERM, previous))
+
+
+def signals_deferred() -> contextlib.AbstractContextManager[None]:
     """Hold SIGINT and SIGTERM back while the body runs (a few renames), so that a Ctrl-C or a
     kill lands before or after them, never between: what is on disk is then the old state or the
     new one, and the message printed says which. Only the main thread can do this."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return _in_main_thread(lambda: signal.pthread_sigmask(signal.SIG_BLOCK, held),
+                           lambda previous: signal.pthread_sigmask(signal.SIG_SETMASK, previous))
 
 
 @contextlib.contextmanager
