@@ -280,17 +280,20 @@ _LEGACY_MAGIC = (torch.serialization.MAGIC_NUMBER.to_bytes(10, "little"),  # pic
 _HEAD_BYTES = 64
 
 
-def _check_torch_format(path: Path) -> None:
-    """Refuse a file that is neither of torch's formats before unpickling anything. Otherwise
-    torch reads its first bytes as pickle opcodes and fails with a message about them (text
-    starting "he" gives `KeyError: 101`, the memo index 'e' after the opcode 'h')."""
+def _is_zip_format(path: Path) -> bool:
+    """True for torch.save's zip format, False for the legacy one; any other file is refused
+    before anything is unpickled. Otherwise torch reads its first bytes as pickle opcodes and
+    fails with a message about them (text starting "he" gives `KeyError: 101`, the memo index
+    'e' after the opcode 'h')."""
     try:
         with open(path, "rb") as f:
             head = f.read(_HEAD_BYTES)
     except OSError as e:
         raise WeightsError(path, f"cannot read ({e.strerror or e})") from None
-    if head.startswith(_ZIP_MAGIC) or any(magic in head for magic in _LEGACY_MAGIC):
-        return
+    if head.startswith(_ZIP_MAGIC):
+        return True
+    if any(magic in head for magic in _LEGACY_MAGIC):
+        return False
     raise WeightsError(path, f"not a PyTorch checkpoint (neither a zip archive nor a legacy torch file){_preview(head)}")
 
 
@@ -305,16 +308,11 @@ def _preview(head: bytes) -> str:
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    _check_torch_format(path)
+    mmap = _is_zip_format(path)  # memory-mapped: the visual tower we drop is never read from disk
     try:
         with warnings.catch_warnings():  # torch warns on old-format files; the error below says it all
             warnings.simplefilter("ignore")
-            try:  # memory-mapped: the visual tower we drop is never read from disk
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's message is long; the useful part is the line naming what was refused
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
