@@ -1,6 +1,8 @@
 """Cog predictor: the inputs and outputs a Replicate user sees, and nothing else.
 
-All the work is `prior.load()` (once, in setup) and `Prior.embed()` (per prediction).
+All the work is `prior.load()` (once, in setup) and `Prior.embed_many()`: predict() is async,
+and concurrent predictions are sampled together by a prior.batcher.Batcher (cog.yaml's
+`concurrency.max` says how many may run at once).
 Bounds on the inputs live in the `Input(...)` declarations below: cog writes them into
 .cog/openapi_schema.json and its server rejects bad values with 422 before predict() runs.
 Keep every `Input(...)` argument a plain literal: `cog build` reads this file without
@@ -12,12 +14,14 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
+from collections import deque
 from pathlib import Path as FilePath
 
 from cog import BaseModel, BasePredictor, Input, Path
 
 import prior
 from prior import contract
+from prior.batcher import Batcher
 
 
 class PriorOutput(BaseModel):
@@ -38,28 +42,37 @@ def weights_path() -> FilePath:
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
-        """Load the weights once: cuda when present (float16), else cpu (float32).
+        """Load the weights once: cuda when present (float16), else cpu (float32), and start the
+        batcher that runs concurrent predictions together.
 
-        A missing or bad file raises prior.WeightsError, whose one-line message names the
-        file and the problem; cog then reports SETUP_FAILED with that line in the logs.
+        A missing or bad file raises prior.WeightsError, whose one-line message names the file
+        (by its name, not the host's path) and the problem; cog then reports SETUP_FAILED with
+        that line in the logs.
         """
         path = weights_path()
-        self.model = prior.load(path)
-        self.output_root = FilePath(tempfile.mkdtemp(prefix="prior-outputs-"))
-        atexit.register(shutil.rmtree, self.output_root, ignore_errors=True)  # the last outputs, at shutdown
-        self.recent_outputs: list[FilePath] = []
-        self.model.warmup()  # load kernels (and on a GPU capture the step graphs) before the first request
-        print(f"loaded {path} on {self.model.device} ({str(self.model.dtype).removeprefix('torch.')}) "
+
+        def load() -> prior.Prior:  # on the batcher's thread, which samples (see prior/batcher.py)
+            model = prior.load(path)
+            model.warmup()  # load kernels (and on a GPU capture the step graphs) before the first request
+            return model
+
+        try:
+            self.batcher = Batcher(load)
+        except prior.WeightsError as e:  # the health check shows this line: no host paths in it
+            raise prior.WeightsError(FilePath(e.path).name, e.problem) from None
+        self.model = self.batcher.model
+        self.outputs = OutputFolders()
+        print(f"loaded {path.name} on {self.model.device} ({str(self.model.dtype).removeprefix('torch.')}) "
               f"in {self.model.load_seconds:.1f} s")
 
-    def predict(
+    async def predict(
         self,
         prompt: str = Input(
-            description="The text to turn into a CLIP ViT-L/14 image embedding.",
-            # "holds a character that is not whitespace", spelled out as Python's str.isspace() (the
-            # engine's rule): cog's HTTP validator reads \s differently from Python. Anchored at both
-            # ends, so search, match and fullmatch agree, and a search stays linear.
-            regex=r"^[\s\S]*[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][\s\S]*$",
+            description="The text to turn into a CLIP ViT-L/14 image embedding (at most 10000 characters; "
+                        "CLIP reads the first 77 tokens).",
+            max_length=10000,
+            # contract.PROMPT_PATTERN: a character that is neither whitespace nor invisible
+            regex=r"^[\s\S]*[^\x00-\x20\x7f-\xa0\xad\u034f\u061c\u115f\u1160\u1680\u17b4\u17b5\u180b-\u180f\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\u3164\ufe00-\ufe0f\ufeff\uffa0][\s\S]*$",
         ),
         candidates: int = Input(
             default=2, ge=1, le=32,
@@ -86,16 +99,12 @@ class Predictor(BasePredictor):
             description="'ddpm' samples like the original; 'ddim' is deterministic for a given seed.",
         ),
     ) -> PriorOutput:
-        # cog reads a prediction's files after predict() returns, so they cannot be removed here;
-        # the one before last is certainly done with, and goes now (else /tmp fills up over time).
-        while len(self.recent_outputs) > 1:
-            shutil.rmtree(self.recent_outputs.pop(0), ignore_errors=True)
         # cog's validator lets whole-number floats (4.0, 1e2) through for integer inputs, as floats
-        candidates, steps, seed = int(candidates), int(steps), None if seed is None else int(seed)
-        result = self.model.embed(prompt, candidates=candidates, cond_scale=cond_scale, steps=steps, seed=seed,
-                                  guidance=guidance, sampler=sampler)
-        folder = write_arrays(result, self.output_root)
-        self.recent_outputs.append(folder)
+        request = prior.Request(prompt, candidates=int(candidates), cond_scale=cond_scale,
+                                seed=None if seed is None else int(seed), guidance=guidance)
+        result = await self.batcher.submit(request, steps=int(steps), sampler=sampler)
+        folder = self.outputs.new()
+        contract.write_result(folder, result)
         return PriorOutput(
             text_tokens=Path(folder / "text_tokens.npy"),
             text_embedding=Path(folder / "text_embedding.npy"),
@@ -107,10 +116,28 @@ class Predictor(BasePredictor):
         )
 
 
-def write_arrays(result: prior.EmbedResult, parent: FilePath | None = None) -> FilePath:
-    """Save one prompt's arrays as .npy files in a new folder of their own under `parent`, all or
-    nothing (contract.write_result). A fresh folder per prediction: nothing is shared between
-    predictions or cached by prompt."""
-    folder = FilePath(tempfile.mkdtemp(prefix="prediction-", dir=parent))
-    contract.write_result(folder, result)
-    return folder
+class OutputFolders:
+    """A fresh folder per prediction, under one root made in setup() (in $TMPDIR).
+
+    cog reads a prediction's files after predict() returns, so they cannot be removed there;
+    the oldest folder goes once more than KEEP exist (KEEP is far above the predictions that
+    can finish at once), so a long-running server's disk use stays bounded. The root goes at
+    shutdown (atexit; `prior serve` also removes its temporary folder after a crash).
+    """
+
+    KEEP = 128
+
+    def __init__(self) -> None:
+        self.root = FilePath(tempfile.mkdtemp(prefix="prior-outputs-"))
+        atexit.register(shutil.rmtree, self.root, ignore_errors=True)
+        self.recent: deque[FilePath] = deque()
+        self.count = 0
+
+    def new(self) -> FilePath:
+        """A path for the next prediction's folder (created whole by contract.write_result)."""
+        while len(self.recent) >= self.KEEP:
+            shutil.rmtree(self.recent.popleft(), ignore_errors=True)
+        self.count += 1
+        folder = self.root / f"prediction-{self.count}"
+        self.recent.append(folder)
+        return folder

@@ -21,11 +21,13 @@ wheels=bench/cache/wheels
 oracle_pins=(dalle2-pytorch==0.11.5 rotary-embedding-torch==0.1.5 clip-anytorch==2.4.0 einops==0.4.1
   einops-exts==0.0.3 x-clip==0.7.0 coca-pytorch==0.0.6 ema-pytorch==0.0.8 vector-quantize-pytorch==0.7.3
   kornia==0.6.5 setuptools==80.9.0 ftfy==6.3.1 wcwidth==0.9.4 resize-right==0.0.2)
+# What `prior serve` needs on that machine (bench/serve.py); coglet is abi3, the rest pure Python.
+serve_pins=(cog==0.23.1 coglet==0.23.1 structlog==26.1.0)
 
 if [ "${1:-}" = --fetch-wheels ]; then
   mkdir -p "$wheels"
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$wheels" "${oracle_pins[@]}"
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$wheels" "${oracle_pins[@]}" "${serve_pins[@]}"
   ls -l "$wheels"
   exit 0
 fi
@@ -80,4 +82,13 @@ stamp "running bench/gpu.py"
 budget=$(( 330 - ($(date +%s) - started) ))
 [ "$budget" -lt 120 ] && budget=120
 PYTHONUNBUFFERED=1 "$py" -W ignore -m bench.gpu --out-dir "$OUT" --budget-s "$budget"
+
+# The HTTP service under load (1 to 32 concurrent clients against one at a time), if time is left.
+if "$py" -c 'import cog, coglet' 2>/dev/null && [ $(( $(date +%s) - started )) -lt 420 ]; then
+  stamp "running bench/serve.py"
+  PATH="$(dirname "$py"):$PATH" PYTHONUNBUFFERED=1 timeout 240 "$py" -W ignore -m bench.serve --device cuda \
+    --out "$OUT/serve-gpu.json" || stamp "bench/serve.py did not finish"
+else
+  stamp "skipping bench/serve.py (cog not importable, or no time left)"
+fi
 stamp "done"

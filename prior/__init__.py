@@ -29,6 +29,7 @@ _EXPORTS = {
     "load": "pipeline",
     "Prior": "pipeline",
     "EmbedResult": "pipeline",
+    "Request": "pipeline",
 }
 
 __all__ = ["__version__", "DEFAULT_STEPS", "GUIDANCE", "SAMPLERS", "PRIOR_EMA_FP16_SHA256", "ArgumentError",

@@ -31,16 +31,16 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import contract
 from .arguments import add_sampling_arguments, check_device, folder_path, int_in, progress_bar, resolve_steps
 from .contract import SEED_LIMIT, ArgumentError
+from .tables import TABLE_SUFFIXES, read_text_column
 
 MANIFEST = "batch.json"
-TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
 DEFAULT_TABLE_COLUMN = "caption"  # img2dataset's and clip-retrieval's name for the text column
 # Settings that change the numbers in the files: a resumed run must repeat them exactly.
 # (--batch-size, --ray and --workers do not change them.)
@@ -84,7 +84,7 @@ def read_prompts(path: Path, column: str | None = None) -> Prompts:
                                 f"with the text file {str(path)!r}")
         values = _read_text_lines(path)
     else:
-        values = _read_table_column(path, kind, column or DEFAULT_TABLE_COLUMN)
+        values = read_text_column(path, kind, column or DEFAULT_TABLE_COLUMN)
     texts, source_rows = [], []
     for i, value in enumerate(values):
         if value is not None and value.strip():
@@ -109,41 +109,6 @@ def _read_text_lines(path: Path) -> list[str]:
                             "for a table use a .parquet or .csv file") from None
     # Only "\n" ends a line (str.splitlines would also split on form feeds and U+2028 inside prompts).
     return [line.removesuffix("\r") for line in text.split("\n")]
-
-
-def _read_table_column(path: Path, kind: str, column: str) -> list[str | None]:
-    import pyarrow as pa
-    import pyarrow.csv as pa_csv
-    import pyarrow.parquet as pq
-
-    try:
-        if kind == "parquet":
-            names = pq.read_schema(path).names
-            if column not in names:
-                raise _missing_column(column, names, path)
-            table = pq.read_table(path, columns=[column])
-        else:
-            # every column as text: a prompt column of digits stays text
-            options = pa_csv.ConvertOptions(column_types={column: pa.string()}, strings_can_be_null=True)
-            table = pa_csv.read_csv(path, convert_options=options)
-            if column not in table.column_names:
-                raise _missing_column(column, table.column_names, path)
-    except ArgumentError:
-        raise
-    except (OSError, pa.ArrowException) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArgumentError("input", f"not a readable {kind} file, got {str(path)!r} ({first_line})") from None
-    values = table.column(column)
-    if pa.types.is_dictionary(values.type):
-        values = values.cast(values.type.value_type)
-    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        raise ArgumentError("column", f"must name a text column, got {column!r} (holds {values.type})")
-    return values.to_pylist()
-
-
-def _missing_column(column: str, names: Sequence[str], path: Path) -> ArgumentError:
-    shown = ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
-    return ArgumentError("column", f"must be a column of {str(path)!r}, got {column!r} (columns: {shown})")
 
 
 # ---------------------------------------------------------------------------------------------

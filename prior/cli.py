@@ -1,4 +1,4 @@
-"""The `prior` command (also `python -m prior`): embed, serve, batch, search, weights.
+"""The `prior` command (also `python -m prior`): embed, serve, batch, search, eval, weights.
 
 Only the entry point lives here; nothing imports this module. Options come from
 prior/arguments.py, their bounds from prior/contract.py.
@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from . import batch, contract, search, weights
+from . import batch, contract, evaluate, search, weights
 from .arguments import (
     OneLineParser,
     add_sampling_arguments,
@@ -49,6 +49,9 @@ def build_parser(prog: str = "prior") -> tuple[argparse.ArgumentParser, dict[str
     serve.add_argument("--weights", default=None,
                        help=f"weights file (default: ${contract.WEIGHTS_ENV}, else {contract.WEIGHTS_NAME} "
                             "in the weights folder)")
+    serve.add_argument("--max-concurrency", type=int_in(1, 1024), default=contract.MAX_CONCURRENCY,
+                       help="predictions run at once, sampled together; above it requests get 409 "
+                            "(default: %(default)s, as cog.yaml)")
     serve.set_defaults(run=run_serve)
 
     weights = commands.add_parser("weights", help="download, verify or convert the weights (prior weights --help)",
@@ -58,6 +61,7 @@ def build_parser(prog: str = "prior") -> tuple[argparse.ArgumentParser, dict[str
 
     batch.add_parser(commands)
     search.add_parser(commands)
+    evaluate.add_parser(commands)
     return parser, dict(commands.choices)
 
 
@@ -111,8 +115,8 @@ def run_embed(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
-    serve(host=args.host, port=args.port, weights=args.weights)  # replaces this process; returns only by raising
-    return 1
+    serve(host=args.host, port=args.port, weights=args.weights, max_concurrency=args.max_concurrency)
+    return 0
 
 
 def run_weights(args: argparse.Namespace) -> int:

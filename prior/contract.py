@@ -45,6 +45,8 @@ SAMPLERS = ("ddpm", "ddim")  # prior.diffusion.SAMPLERS maps each name to its fu
 DEFAULT_SAMPLER = "ddpm"
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
+MAX_CONCURRENCY = 32  # predictions a server runs at once (cog.yaml's concurrency.max): see README "Serving"
+PROMPT_MAX_CHARS = 10_000  # the HTTP API's bound on a prompt (predict.py's max_length); CLIP reads 77 tokens
 SHORTENED = 80  # a value longer than this is shortened in messages (a SHA-256 is not)
 
 
@@ -144,14 +146,23 @@ def check_choice(field: str, value: object, choices: tuple[str, ...]) -> str:
     return value
 
 
-# Characters that show nothing: a prompt made only of these (and whitespace) says nothing.
-_INVISIBLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f"
-                        r"\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0]*")
+# Characters that show nothing: every character str.isspace() calls whitespace, the C0 and C1
+# controls (NUL included), and the invisible formatting characters (soft hyphen, zero-width
+# space and joiners, direction marks, word joiner, BOM, variation selectors, Hangul fillers).
+# Spelled as explicit ranges, so that cog's HTTP validator (Rust regex) reads PROMPT_PATTERN as
+# Python does; predict.py's `regex=` literal must equal PROMPT_PATTERN (tests/test_cog.py).
+INVISIBLE = (r"\x00-\x20\x7f-\xa0\xad\u034f\u061c\u115f\u1160\u1680\u17b4\u17b5\u180b-\u180f\u2000-\u200f"
+             r"\u2028-\u202f\u205f-\u206f\u3000\u3164\ufe00-\ufe0f\ufeff\uffa0")
+# A prompt must hold a character outside INVISIBLE. Anchored at both ends, so that search, match
+# and fullmatch agree, and a search stays linear.
+PROMPT_PATTERN = rf"^[\s\S]*[^{INVISIBLE}][\s\S]*$"
+_INVISIBLE = re.compile(f"[{INVISIBLE}]*")
 
 
 def check_prompt(field: str, value: object) -> str:
-    """Text holding at least one visible character."""
-    if not isinstance(value, str) or _INVISIBLE.fullmatch(value):
+    """Text holding at least one visible character (PROMPT_PATTERN). Any length: a long prompt
+    costs a scan of its leading whitespace and invisible characters."""
+    if not isinstance(value, str) or _INVISIBLE.fullmatch(value.strip()):  # strip: fast in C, before the regex
         raise ArgumentError(field, f"must be non-empty text (not only whitespace or invisible characters), got {shown(value)}")
     return value
 

@@ -141,8 +141,9 @@ class Condition:
     def batch(self) -> int:
         return self.keys.shape[1]
 
-    def repeat_interleave(self, n: int) -> Condition:
-        """Each row repeated n times in place (row i becomes rows i*n .. i*n+n-1)."""
+    def repeat_interleave(self, n: int | torch.Tensor) -> Condition:
+        """Each row repeated n times in place (row i becomes rows i*n .. i*n+n-1); a tensor n
+        (B,) repeats row i n[i] times."""
         return Condition(
             self.keys.repeat_interleave(n, dim=1),
             self.values.repeat_interleave(n, dim=1),

@@ -14,7 +14,7 @@ import platform
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,40 @@ class EmbedResult:
     sampler: str
     sample_seconds: float = 0.0
     seeds: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt and its own sampling settings (Prior.embed_many; steps and sampler are per call)."""
+
+    prompt: str
+    candidates: int = contract.DEFAULT_CANDIDATES
+    cond_scale: float = contract.DEFAULT_COND_SCALE
+    seed: int | None = None  # None: drawn
+    guidance: str = contract.DEFAULT_GUIDANCE
+
+    def checked(self) -> Request:
+        """This request with plain Python numbers, or ArgumentError naming the field, the bound
+        and the value. Integers may be numpy integers, numbers any real number type."""
+        if not isinstance(self, Request):
+            raise contract.ArgumentError("requests", f"must hold prior.Request objects, got {type(self).__name__}")
+        return Request(
+            prompt=contract.check_prompt("prompt", self.prompt),
+            candidates=contract.check_int("candidates", self.candidates, *contract.CANDIDATES),
+            cond_scale=contract.check_real("cond_scale", self.cond_scale, *contract.COND_SCALE),
+            seed=None if self.seed is None else contract.check_int("seed", self.seed, 0, SEED_LIMIT - 1),
+            guidance=contract.check_choice("guidance", self.guidance, contract.GUIDANCE),
+        )
+
+
+@dataclass
+class _Sampled:
+    tokens: np.ndarray  # (B, 77) int64
+    truncated: list[bool]
+    text_embedding: np.ndarray  # (B, D) raw
+    images: list[np.ndarray]  # per prompt (N_i, D)
+    scores: list[np.ndarray]  # per prompt (N_i,)
+    chosen: list[int]
 
 
 class Prior:
@@ -113,25 +147,99 @@ class Prior:
         contract.ArgumentError (a ValueError) naming the argument, before any work.
         """
         prompts = _prompt_list(prompts)
+        if not prompts:
+            raise contract.ArgumentError("prompts", "must hold at least one prompt, got none")
+        seed = secrets.randbelow(SEED_LIMIT) if seed is None else contract.check_int("seed", seed, 0, SEED_LIMIT - 1)
+        requests, steps = self.check(
+            [Request(p, candidates, cond_scale, (seed + i) % SEED_LIMIT, guidance) for i, p in enumerate(prompts)],
+            steps, sampler)
+        started = time.perf_counter()
+        sampled = self._sample(requests, steps, sampler, on_step)
+        return EmbedResult(
+            prompts=prompts,
+            tokens=sampled.tokens,
+            text_embedding=sampled.text_embedding,
+            image_embedding=np.stack([image[c] for image, c in zip(sampled.images, sampled.chosen, strict=True)]),
+            candidates=np.stack(sampled.images),
+            scores=np.stack(sampled.scores),
+            chosen=np.array(sampled.chosen, dtype=np.int64),
+            seed=requests[0].seed,
+            seeds=[r.seed for r in requests],
+            truncated=sampled.truncated,
+            steps=steps,
+            cond_scale=requests[0].cond_scale,
+            guidance=guidance,
+            sampler=sampler,
+            sample_seconds=time.perf_counter() - started,
+        )
+
+    @torch.inference_mode()
+    def embed_many(
+        self,
+        requests: Sequence[Request],
+        steps: int | None = None,
+        sampler: str = contract.DEFAULT_SAMPLER,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> list[EmbedResult]:
+        """Sample several prompts, each with its own candidates, cond_scale, seed and guidance, in
+        shared network passes (steps and sampler are shared). Result i (one prompt) equals
+        `embed(requests[i].prompt, ...)` with the same settings, up to float rounding: rows never
+        mix (each row has its own condition, noise and guidance scale); only the matmuls' batch
+        size, and so their summation blocking, differs. A request without a seed gets a drawn one.
+        """
+        requests, steps = self.check(requests, steps, sampler)
+        requests = [r if r.seed is not None else replace(r, seed=secrets.randbelow(SEED_LIMIT)) for r in requests]
+        started = time.perf_counter()
+        sampled = self._sample(requests, steps, sampler, on_step)
+        seconds = time.perf_counter() - started
+        return [
+            EmbedResult(
+                prompts=[r.prompt],
+                tokens=sampled.tokens[i : i + 1],
+                text_embedding=sampled.text_embedding[i : i + 1],
+                image_embedding=sampled.images[i][sampled.chosen[i]][None],
+                candidates=sampled.images[i][None],
+                scores=sampled.scores[i][None],
+                chosen=np.array([sampled.chosen[i]], dtype=np.int64),
+                seed=r.seed,
+                seeds=[r.seed],
+                truncated=[sampled.truncated[i]],
+                steps=steps,
+                cond_scale=r.cond_scale,
+                guidance=r.guidance,
+                sampler=sampler,
+                sample_seconds=seconds,
+            )
+            for i, r in enumerate(requests)
+        ]
+
+    def check(self, requests: Sequence[Request], steps: int | None, sampler: str) -> tuple[list[Request], int]:
+        """The requests with their numbers as Python numbers, and the step count (None:
+        DEFAULT_STEPS, or all of a shorter schedule). A bad value is an ArgumentError naming the
+        field, the bound and the value, raised before any work."""
+        if isinstance(requests, Request) or not isinstance(requests, Sequence) or not requests:
+            raise contract.ArgumentError("requests", "must be a non-empty sequence of prior.Request")
         if steps is None:
             steps = min(contract.DEFAULT_STEPS, self.config.num_timesteps)
-        candidates, cond_scale, steps, seed = _check_arguments(
-            prompts, candidates, cond_scale, steps, seed, guidance, sampler, self.config.num_timesteps)
-        seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
-        seeds = [(seed + i) % SEED_LIMIT for i in range(len(prompts))]
-        started = time.perf_counter()
+        steps = contract.check_int("steps", steps, 1, self.config.num_timesteps)
+        contract.check_choice("sampler", sampler, contract.SAMPLERS)
+        return [Request.checked(r) for r in requests], steps
 
-        tokens, truncated = self.tokenizer(prompts)
+    def _sample(self, requests: Sequence[Request], steps: int, sampler: str,
+                on_step: Callable[[int, int], None] | None) -> _Sampled:
+        """The one path: prompt i's rows are candidates_i consecutive rows of every pass."""
+        counts = [r.candidates for r in requests]
+        tokens, truncated = self.tokenizer([r.prompt for r in requests])
         tokens = tokens.to(self.device)
         text = self.text.encode(tokens)
-        denoise = self._denoiser(text.states, text.embed, text.mask, candidates, cond_scale, guidance)
+        denoise = self._denoiser(text.states, text.embed, text.mask, requests)
         schedule = make_schedule(self.schedule_buffers, steps, sampler)
 
-        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        generators = [torch.Generator(device=self.device).manual_seed(r.seed) for r in requests]
 
         def draw_noise() -> torch.Tensor:  # prompt i's rows come from prompt i's generator
-            shape = (candidates, self.config.dim)
-            return torch.cat([torch.randn(shape, generator=g, device=self.device) for g in generators])
+            return torch.cat([torch.randn((n, self.config.dim), generator=g, device=self.device)
+                              for g, n in zip(generators, counts, strict=True)])
 
         x = draw_noise()
         step_callback = None if on_step is None else (lambda i: on_step(i, len(schedule)))
@@ -140,58 +248,58 @@ class Prior:
         else:
             x = ddim_sample(denoise, schedule, x, draw_noise, eta=0.0, on_step=step_callback)
 
-        image = (x / self.image_embed_scale).view(len(prompts), candidates, -1)
-        scores = (F.normalize(text.embed, dim=-1)[:, None, :] * F.normalize(image, dim=-1)).sum(-1)
-        chosen = scores.argmax(dim=1)
-        best = image[torch.arange(len(prompts), device=self.device), chosen]
-        return EmbedResult(
-            prompts=prompts,
-            tokens=tokens.cpu().numpy().astype(np.int64),
-            text_embedding=text.raw.float().cpu().numpy(),
-            image_embedding=best.float().cpu().numpy(),
-            candidates=image.float().cpu().numpy(),
-            scores=scores.float().cpu().numpy(),
-            chosen=chosen.cpu().numpy().astype(np.int64),
-            seed=seed,
-            seeds=seeds,
-            truncated=truncated,
-            steps=steps,
-            cond_scale=float(cond_scale),
-            guidance=guidance,
-            sampler=sampler,
-            sample_seconds=time.perf_counter() - started,
-        )
+        images, scores, chosen = [], [], []
+        text_unit = F.normalize(text.embed, dim=-1)
+        for i, image in enumerate((x / self.image_embed_scale).split(counts)):
+            score = (text_unit[i][None, :] * F.normalize(image, dim=-1)).sum(-1)  # (N,) cosine to the text
+            images.append(image.float().cpu().numpy())
+            scores.append(score.float().cpu().numpy())
+            chosen.append(int(score.argmax()))
+        return _Sampled(tokens.cpu().numpy().astype(np.int64), truncated, text.raw.float().cpu().numpy(),
+                        images, scores, chosen)
 
-    def _denoiser(self, states, text_embed, mask, candidates: int, cond_scale: float, guidance: str):
-        """denoise(x_t, t, i) -> x_0 for B*N rows, guidance included, conditions built once."""
-        net, dtype = self.network, self.dtype
+    def _denoiser(self, states, text_embed, mask, requests: Sequence[Request]):
+        """denoise(x_t, t, i) -> x_0 for every request's rows, guidance included, conditions
+        built once. Only rows whose cond_scale is not 1 get an unconditional pass (0.11.5 skips
+        it at 1); their guidance mode decides what their conditional pass sees after step 0."""
+        net, dtype, device = self.network, self.dtype, self.device
         states, text_embed = states.to(dtype), text_embed.to(dtype)
-        yes = torch.ones(len(states), dtype=torch.bool, device=self.device)
+        counts = torch.tensor([r.candidates for r in requests], device=device)
+        guided = torch.tensor([r.cond_scale != 1 for r in requests], device=device)  # per prompt
+        # "original": the first unconditional pass zeroes these prompts' text mask for good
+        quirk = torch.tensor([r.cond_scale != 1 and r.guidance == "original" for r in requests], device=device)
+        yes = torch.ones(len(requests), dtype=torch.bool, device=device)
 
-        def condition(text_mask, keep) -> Condition:
-            return net.encode_condition(states, text_embed, text_mask, keep).repeat_interleave(candidates)
+        def condition(rows: torch.Tensor, text_mask: torch.Tensor, keep: torch.Tensor) -> Condition:
+            """The condition of the prompts selected by `rows`, each repeated once per candidate."""
+            return net.encode_condition(states[rows], text_embed[rows], text_mask[rows], keep[rows]) \
+                .repeat_interleave(counts[rows])
 
         def run(cond: Condition, x, t):
             return self._denoise_step(cond, x.to(dtype), t).float()
 
-        full = condition(mask, yes)
-        if cond_scale == 1:  # 0.11.5 skips the unconditional pass entirely
+        full = condition(yes, mask, yes)
+        if not guided.any():  # 0.11.5 skips the unconditional pass entirely
             return lambda x, t, i: run(full, x, t)
 
-        null = condition(mask, ~yes)
-        with_null = Condition.cat([full, null])
-        if guidance == "original":
-            # from the second step on, the conditional pass sees an all-False text mask
-            later = Condition.cat([condition(torch.zeros_like(mask), yes), null])
-        else:
-            later = with_null
+        null = condition(guided, mask, ~yes)
+        first = Condition.cat([full, null])
+        later = Condition.cat([condition(yes, mask & ~quirk[:, None], yes), null]) if quirk.any() else first
+        every_row = bool(guided.all())
+        rows = guided.repeat_interleave(counts)  # (R,) the x rows that are guided
+        scale = torch.tensor([r.cond_scale for r in requests], device=device).repeat_interleave(counts)[rows][:, None]
 
-        def guided(x, t, i):
-            both = run(with_null if i == 0 else later, torch.cat([x, x]), torch.cat([t, t]))
-            cond, uncond = both.chunk(2)
-            return uncond + (cond - uncond) * cond_scale
+        def guided_denoise(x, t, i):
+            xg, tg = (x, t) if every_row else (x[rows], t[rows])
+            both = run(first if i == 0 else later, torch.cat([x, xg]), torch.cat([t, tg]))
+            cond, uncond = both[: len(x)], both[len(x) :]
+            if every_row:
+                return uncond + (cond - uncond) * scale
+            out = cond.clone()
+            out[rows] = uncond + (cond[rows] - uncond) * scale
+            return out
 
-        return guided
+        return guided_denoise
 
 
 def load(
@@ -294,20 +402,3 @@ def _prompt_list(prompts) -> list:
     if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence):
         raise contract.ArgumentError("prompts", f"must be a string or a sequence of strings, got {type(prompts).__name__}")
     return list(prompts)
-
-
-def _check_arguments(prompts, candidates, cond_scale, steps, seed, guidance, sampler, num_timesteps):
-    """The API's own check, with the contract's bounds: ArgumentError naming the argument, the
-    bound and the value. Integers may be numpy integers, numbers any real number type.
-    Returns (candidates, cond_scale, steps, seed) as Python numbers."""
-    if not prompts:
-        raise contract.ArgumentError("prompts", "must hold at least one prompt, got none")
-    for p in prompts:
-        contract.check_prompt("prompt", p)
-    candidates = contract.check_int("candidates", candidates, *contract.CANDIDATES)
-    cond_scale = contract.check_real("cond_scale", cond_scale, *contract.COND_SCALE)
-    steps = contract.check_int("steps", steps, 1, num_timesteps)
-    seed = None if seed is None else contract.check_int("seed", seed, 0, SEED_LIMIT - 1)
-    contract.check_choice("guidance", guidance, contract.GUIDANCE)
-    contract.check_choice("sampler", sampler, contract.SAMPLERS)
-    return candidates, cond_scale, steps, seed

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .arguments import add_sampling_arguments, check_device, int_in, load_for_sampling, prompt_text
 from .contract import ArgumentError, PriorError
+from .tables import parquet_files
 
 IMAGE_INDEX = "image.index"  # clip-retrieval's name for the image side
 LABEL_COLUMNS = ("caption", "prompt", "text", "TEXT", "url", "URL", "image_path")  # shown in the table
@@ -111,28 +112,12 @@ def open_index(folder: Path, mmap: bool = False) -> ClipIndex:
         raise IndexFileError(f"{index_file}: holds no vectors (an empty index)")
     if not index.is_trained:
         raise IndexFileError(f"{index_file}: is not trained (an IVF or PQ index must be trained before vectors are added)")
-    files = _metadata_files(index_file.parent / "metadata")
+    files = parquet_files(index_file.parent / "metadata", lambda path, problem: IndexFileError(f"{path}: {problem}"))
     rows = sum(count for _, _, count in files)
     if files and rows != index.ntotal:
         raise IndexFileError(f"{index_file.parent / 'metadata'}: holds {rows} metadata rows for {index.ntotal} "
                           "vectors in the index (not this index's metadata?)")
     return ClipIndex(index_file, index, files)
-
-
-def _metadata_files(folder: Path) -> list[tuple[Path, int, int]]:
-    import pyarrow.parquet as pq
-
-    if not folder.is_dir():
-        return []
-    files, first = [], 0
-    for path in sorted(folder.glob("*.parquet")):  # sorted names are id order, as clip-retrieval assumes
-        try:
-            count = pq.read_metadata(path).num_rows
-        except Exception as e:  # pyarrow raises several kinds for a damaged footer
-            raise IndexFileError(f"{path}: not a readable Parquet file ({str(e).strip().splitlines()[0]})") from None
-        files.append((path, first, count))
-        first += count
-    return files
 
 
 def _first_line(error: Exception) -> str:

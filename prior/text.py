@@ -17,7 +17,7 @@ import gzip
 import hashlib
 import heapq
 import html
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -86,6 +86,29 @@ def _read_merges(vocab_size: int) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in lines[1 : 1 + vocab_size - 512 - 2]]
 
 
+PIECE = 65_536  # characters of a long text cleaned at a time, when only its first tokens are needed
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """`text` in consecutive pieces of at most PIECE characters, each ending just after a line
+    break when its second half has one (ftfy repairs a text line by line), else just after
+    whitespace (no word, HTML entity or special-token name spans whitespace, so the words are
+    those of the whole text), else at PIECE (a "word" that long is cut: its first tokens are
+    all CLIP reads of it). So for every text whose lines are under PIECE characters, the
+    tokens are exactly those of cleaning the whole text; ftfy itself cuts longer lines at
+    1,000,000 characters, we at PIECE."""
+    start = 0
+    while start < len(text):
+        end = min(start + PIECE, len(text))
+        if end < len(text):
+            cut = text.rfind("\n", start + PIECE // 2, end)
+            if cut < 0:
+                cut = next((i for i in range(end - 1, start + PIECE // 2, -1) if text[i].isspace()), end - 1)
+            end = cut + 1
+        yield text[start:end]
+        start = end
+
+
 class Tokenizer:
     """OpenAI CLIP tokenization: `clip.tokenize(texts, truncate=True)`, and whether it truncated."""
 
@@ -117,9 +140,24 @@ class Tokenizer:
         return tokens, truncated
 
     def encode(self, text: str, enough: int | None = None) -> list[int]:
-        """BPE token ids of one text, without the start and end tokens; with `enough`, stops
-        after the word that reaches that many (words are encoded independently, so the ids
-        up to there are the same)."""
+        """BPE token ids of one text, without the start and end tokens.
+
+        With `enough`, stops after the word that reaches that many (words are encoded
+        independently, so the ids up to there are the same), and a text longer than PIECE
+        characters is cleaned a piece at a time (see _pieces), so only the prefix that gives
+        the tokens is read: a 100 MB prompt costs what its first piece costs.
+        """
+        if enough is None or len(text) <= PIECE:
+            return self._encode_clean(text, enough)
+        ids: list[int] = []
+        for piece in _pieces(text):
+            if not piece.isspace():
+                ids.extend(self._encode_clean(piece, enough - len(ids)))
+                if len(ids) >= enough:
+                    break
+        return ids
+
+    def _encode_clean(self, text: str, enough: int | None) -> list[int]:
         text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()  # OpenAI's "basic_clean"
         text = _SPACES.sub(" ", text).strip().lower()
         ids = []

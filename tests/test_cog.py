@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import yaml
 
 import predict
 import prior
+from prior import contract
 from prior import schema as openapi
 from prior.checkpoint import convert_to_safetensors
 from prior.weights import HF_FILENAME, HF_REPO, HF_REVISION
@@ -61,12 +63,14 @@ def test_the_config_schema_check_can_fail(config_schema, break_it):
         jsonschema.Draft7Validator(config_schema).validate(config)
 
 
-def test_cog_yaml_builds_what_the_issue_asks():
+def test_cog_yaml_builds_the_predictor_with_the_contracts_concurrency():
     config = _cog_yaml()
     build = config["build"]
     assert build["gpu"] is True and build["python_version"] == "3.11"
     assert (ROOT / build["python_requirements"]).is_file()
     assert config["predict"] == openapi.PREDICTOR_REF
+    assert config["concurrency"] == {"max": contract.MAX_CONCURRENCY}
+    assert inspect.iscoroutinefunction(predict.Predictor.predict)  # cog allows concurrency > 1 only for async
 
 
 def test_container_torch_pin_is_one_cog_knows():
@@ -129,21 +133,28 @@ def test_cog_builds_rewrite_of_the_schema_counts_as_current(fresh_schema, tmp_pa
     assert openapi.is_current(path, fresh_schema)
 
 
-def test_schema_inputs_are_the_documented_ones(fresh_schema):
+def test_schema_inputs_are_the_contracts(fresh_schema):
+    """predict.py spells its bounds as literals (cog's static parser reads them): they must be
+    the contract's, which the CLI and the API use."""
     schemas = fresh_schema["components"]["schemas"]
     inputs = schemas["Input"]
     props = inputs["properties"]
     assert list(props) == ["prompt", "candidates", "cond_scale", "steps", "seed", "guidance", "sampler"]
     assert [p["x-order"] for p in props.values()] == list(range(7))
     assert inputs["required"] == ["prompt"]
-    assert props["prompt"]["type"] == "string" and re.fullmatch(props["prompt"]["pattern"], "  a  ")
-    assert not re.match(props["prompt"]["pattern"], " \t ")
+    assert props["prompt"]["type"] == "string" and props["prompt"]["pattern"] == contract.PROMPT_PATTERN
+    assert props["prompt"]["maxLength"] == contract.PROMPT_MAX_CHARS
     bounds = {name: (props[name]["type"], props[name].get("default"), props[name]["minimum"], props[name]["maximum"])
               for name in ("candidates", "cond_scale", "steps", "seed")}
-    assert bounds == {"candidates": ("integer", 2, 1, 32), "cond_scale": ("number", 1.0, 0, 5),
-                      "steps": ("integer", 64, 1, 1000), "seed": ("integer", None, 0, 2**32 - 1)}
+    assert bounds == {
+        "candidates": ("integer", contract.DEFAULT_CANDIDATES, *contract.CANDIDATES),
+        "cond_scale": ("number", contract.DEFAULT_COND_SCALE, *contract.COND_SCALE),
+        "steps": ("integer", contract.DEFAULT_STEPS, 1, 1000),  # 1000: LAION's checkpoint's timesteps
+        "seed": ("integer", None, 0, contract.SEED_LIMIT - 1),
+    }
     assert props["seed"]["nullable"] is True
-    assert schemas["guidance"]["enum"] == list(prior.GUIDANCE) and props["guidance"]["default"] == "original"
+    assert schemas["guidance"]["enum"] == list(contract.GUIDANCE) and props["guidance"]["default"] == contract.DEFAULT_GUIDANCE
+    assert schemas["sampler"]["enum"] == list(contract.SAMPLERS) and props["sampler"]["default"] == contract.DEFAULT_SAMPLER
     assert all(p.get("description") for p in props.values())
     output = schemas["Output"]
     assert output["required"] == ["text_tokens", "text_embedding", "image_embedding", "candidates", "scores", "chosen", "seed"]
@@ -151,25 +162,46 @@ def test_schema_inputs_are_the_documented_ones(fresh_schema):
     assert output["properties"]["scores"]["items"] == {"type": "number"}
 
 
+def _engine_accepts(prompt: str) -> bool:
+    try:
+        contract.check_prompt("prompt", prompt)
+    except prior.ArgumentError:
+        return False
+    return True
+
+
 def test_prompt_pattern_is_the_engines_rule():
-    """The schema refuses exactly the prompts the engine refuses: those str.isspace() calls blank."""
+    """The schema refuses exactly the prompts the engine refuses: only whitespace (every character
+    str.isspace() calls blank) and invisible characters (NUL, zero-width space, BOM, ...)."""
     schema = json.loads(openapi.SCHEMA_PATH.read_text())
     pattern = re.compile(schema["components"]["schemas"]["Input"]["properties"]["prompt"]["pattern"])
+    refused = 0
     for code in [*range(0xD800), *range(0xE000, 0x30000)]:  # every BMP character and two more planes
         c = chr(code)
-        for prompt in (c, f"\n{c} \t"):  # a leading newline must not matter ("." would stop at it)
+        for prompt in (c, f"\n{c} \t\u200b"):  # a leading newline must not matter ("." would stop at it)
             found = pattern.search(prompt) is not None
-            assert found == (pattern.fullmatch(prompt) is not None) == (not c.isspace()), (hex(code), prompt)
+            assert found == (pattern.fullmatch(prompt) is not None) == _engine_accepts(prompt), (hex(code), prompt)
+        refused += not _engine_accepts(c)
+        assert not c.isspace() or not _engine_accepts(c), hex(code)
+    assert refused > sum(chr(c).isspace() for c in range(0x30000)) + 50  # the invisible ones too
 
 
-def test_weights_path_prefers_env_then_converted_file(tmp_path, monkeypatch):
-    monkeypatch.delenv(predict.WEIGHTS_ENV, raising=False)
-    assert predict.weights_path() == predict.DEFAULT_WEIGHTS
+@pytest.mark.parametrize("prompt", ["\u200b", "\ufeff\ufeff", "\x00", " \u200b\u2060\u00ad \n", "\u3164\ufe0f"])
+def test_invisible_only_prompts_are_refused_everywhere(prompt, tiny_checkpoint):
+    """The schema's pattern and the engine's check agree on invisible-only prompts."""
+    schema = json.loads(openapi.SCHEMA_PATH.read_text())
+    assert not re.search(schema["components"]["schemas"]["Input"]["properties"]["prompt"]["pattern"], prompt)
+    with pytest.raises(prior.ArgumentError) as error:
+        prior.load(tiny_checkpoint, device="cpu").embed(prompt, steps=1)
+    assert error.value.field == "prompt"
+
+
+def test_weights_path_is_the_contracts_rule(tmp_path, monkeypatch):
+    monkeypatch.delenv(contract.WEIGHTS_ENV, raising=False)
+    assert predict.weights_path() == contract.resolve_weights() == contract.default_weights()
     original = tmp_path / "prior_ema_fp16.pth"
-    monkeypatch.setenv(predict.WEIGHTS_ENV, str(original))
+    monkeypatch.setenv(contract.WEIGHTS_ENV, str(original))
     assert predict.weights_path() == original
-    (tmp_path / "prior_ema_fp16.safetensors").write_bytes(b"converted")
-    assert predict.weights_path() == tmp_path / "prior_ema_fp16.safetensors"
 
 
 def test_a_stale_converted_file_is_not_preferred(tiny_checkpoint, tmp_path, monkeypatch, capsys):
@@ -177,7 +209,7 @@ def test_a_stale_converted_file_is_not_preferred(tiny_checkpoint, tmp_path, monk
     original = tmp_path / "prior_ema_fp16.pth"
     shutil.copy(tiny_checkpoint, original)
     converted = convert_to_safetensors(original)
-    monkeypatch.setenv(predict.WEIGHTS_ENV, str(original))
+    monkeypatch.setenv(contract.WEIGHTS_ENV, str(original))
     assert predict.weights_path() == converted
 
     os.utime(original, ns=(1, 1))  # same bytes, another mtime (as after a copy): the hash decides
@@ -186,18 +218,19 @@ def test_a_stale_converted_file_is_not_preferred(tiny_checkpoint, tmp_path, monk
 
     make_checkpoint(original, TINY, seed=99)  # the .pth replaced, the old conversion left behind
     assert predict.weights_path() == original
-    assert capsys.readouterr().err.startswith(f"warning: ignoring {converted}: not converted from {original}")
+    assert capsys.readouterr().err.startswith(f"warning: ignoring {converted.name}: not converted from {original.name}")
 
     converted.write_bytes(b"not a safetensors file")
     assert predict.weights_path() == original
 
 
-def test_setup_with_a_missing_file_fails_with_one_line(tmp_path, monkeypatch):
+def test_setup_with_a_missing_file_fails_with_one_line_naming_the_file(tmp_path, monkeypatch):
+    """The line reaches the health check, so it names the file without the host's folders."""
     missing = tmp_path / "nothing.pth"
-    monkeypatch.setenv(predict.WEIGHTS_ENV, str(missing))
+    monkeypatch.setenv(contract.WEIGHTS_ENV, str(missing))
     with pytest.raises(prior.WeightsError) as error:
         predict.Predictor().setup()
-    assert str(error.value) == f"{missing}: file not found"
+    assert str(error.value) == "nothing.pth: file not found"
 
 
 def _result(dim: int = 8, candidates: int = 3) -> prior.EmbedResult:
@@ -210,59 +243,34 @@ def _result(dim: int = 8, candidates: int = 3) -> prior.EmbedResult:
     )
 
 
-def test_each_prediction_writes_a_fresh_directory():
+def test_each_prediction_gets_a_fresh_folder_and_old_ones_go(tmp_path, monkeypatch):
+    monkeypatch.setattr(predict.tempfile, "tempdir", str(tmp_path))
+    outputs = predict.OutputFolders()
     result = _result()
-    first, second = predict.write_arrays(result), predict.write_arrays(result)
-    assert first != second
-    for folder in (first, second):
-        assert sorted(p.name for p in folder.iterdir()) == sorted(
-            ["text_tokens.npy", "text_embedding.npy", "image_embedding.npy", "candidates.npy"])
-    np.testing.assert_array_equal(np.load(first / "candidates.npy"), result.candidates[0])
-    assert np.load(first / "text_tokens.npy").dtype == np.int64
+    folders = []
+    for _ in range(outputs.KEEP + 5):
+        folders.append(outputs.new())
+        contract.write_result(folders[-1], result)
+    assert len(set(folders)) == len(folders)
+    assert sorted(p.name for p in folders[-1].iterdir()) == sorted(contract.RESULT_FILES)
+    np.testing.assert_array_equal(np.load(folders[-1] / "candidates.npy"), result.candidates[0])
+    assert np.load(folders[-1] / "text_tokens.npy").dtype == np.int64
+    assert len(list(outputs.root.iterdir())) == outputs.KEEP  # bounded: the oldest went
+    assert not folders[0].exists() and folders[-outputs.KEEP].exists()
 
 
-def test_a_failed_write_leaves_nothing(monkeypatch):
-    made = []
-    real_mkdtemp = predict.tempfile.mkdtemp
-    monkeypatch.setattr(predict.tempfile, "mkdtemp", lambda **kw: made.append(real_mkdtemp(**kw)) or made[-1])
+def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(predict.tempfile, "tempdir", str(tmp_path))
+    outputs = predict.OutputFolders()
     saves, real_save = [], np.save
 
-    def save_then_fail(path, array):
+    def save_then_fail(path, array, **kwargs):
         saves.append(path)
         if len(saves) == 3:
             raise OSError(28, "No space left on device")
-        real_save(path, array)
+        real_save(path, array, **kwargs)
 
-    monkeypatch.setattr(predict.np, "save", save_then_fail)
-    with pytest.raises(OSError, match="No space"):
-        predict.write_arrays(_result())
-    assert len(made) == 1 and not Path(made[0]).exists()
-
-
-def test_serve_rewrites_a_stale_schema_only(tmp_path):
-    """What `python -m prior serve` does first: write the schema when missing or stale, else nothing."""
-    path = tmp_path / ".cog" / "openapi_schema.json"
-    assert openapi.ensure_current(path) is True
-    assert openapi.is_current(path)
-    modified = path.stat().st_mtime_ns
-    assert openapi.ensure_current(path) is False
-    assert path.stat().st_mtime_ns == modified
-    path.write_text("{}")
-    assert openapi.ensure_current(path) is True and openapi.is_current(path)
-
-
-class _StubModel:
-    def embed(self, prompt, **settings):
-        return _result()
-
-
-def test_predict_keeps_only_the_last_two_output_directories(tmp_path):
-    predictor = predict.Predictor()
-    predictor.model, predictor.output_root, predictor.recent_outputs = _StubModel(), tmp_path, []
-    settings = {"candidates": 3, "cond_scale": 1.0, "steps": 4, "seed": 7, "guidance": "original", "sampler": "ddpm"}
-    outputs = [predictor.predict("a prompt", **settings) for _ in range(4)]
-    folders = [Path(o.image_embedding).parent for o in outputs]
-    assert len(set(folders)) == 4 and all(f.parent == tmp_path for f in folders)
-    assert [f.exists() for f in folders] == [False, False, True, True]
-    assert outputs[-1].seed == 7 and outputs[-1].chosen == 1 and len(outputs[-1].scores) == 3
-    np.testing.assert_array_equal(np.load(outputs[-1].candidates), _result().candidates[0])
+    monkeypatch.setattr(np, "save", save_then_fail)
+    with pytest.raises(prior.OutputError, match="No space"):
+        contract.write_result(outputs.new(), _result())
+    assert list(outputs.root.iterdir()) == []

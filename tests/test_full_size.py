@@ -143,3 +143,4 @@ def test_first_five_steps_match_oracle(model, oracle, tokens, cond_scale, monkey
     assert_close_relative(ours, expected, what="x after 5 steps")
     if cond_scale != 1:  # the quirk did happen in the oracle: its shared text mask is now empty
         assert not text_cond["mask"].any()
+

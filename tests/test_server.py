@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import torch
 
 import prior
 import prior.cli
+from prior import contract
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 180  # importing torch and cog on a busy 2-core machine takes a while
@@ -37,22 +40,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 class Server:
     """`python -m prior serve` in its own process group, so stop() ends coglet and its worker too."""
 
-    def __init__(self, weights: Path | None, log: Path, cwd: Path = ROOT, env: dict[str, str] | None = None):
+    def __init__(self, weights: Path | None, log: Path, cwd: Path = ROOT, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [sys.executable, "-m", "prior", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [sys.executable, "-m", "prior", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         command += ["--weights", str(weights)] if weights is not None else []
         environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}  # `-m prior` from any folder
         with open(log, "wb") as out:
             self.process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)
 
-    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 120) -> tuple[int, str]:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 120,
+                headers: dict[str, str] | None = None) -> tuple[int, str]:
+        headers = {**({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})}
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as response:
@@ -60,13 +76,35 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    def predict(self, inputs: dict | None = None, raw: bytes | None = None, wait_ready: bool = True) -> tuple[int, str]:
-        """POST /predictions. coglet frees its one slot a moment *after* answering, so a request sent
-        right after a response can meet 409 "busy" (CI saw it): by default wait for READY first, as
-        a polite client does. wait_ready=False sends at once (to a busy or failed server)."""
+    def predict(self, inputs: dict | None = None, raw: bytes | None = None, wait_ready: bool = False) -> tuple[int, str]:
+        """POST /predictions, at once: the server takes up to --max-concurrency at a time.
+        wait_ready=True waits for READY first (all slots free)."""
         if wait_ready:
             assert self.is_ready(), f"server never became READY again: {self.health()}"
         return self.request("POST", "/predictions", raw if raw is not None else json.dumps({"input": inputs}).encode())
+
+    def processes(self) -> list[int]:
+        """prior serve and its descendants (coglet, its worker)."""
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+            except OSError:
+                continue
+            if stat:
+                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+        return found
+
+    def worker(self) -> int:
+        """The pid of coglet's Python worker (coglet is prior serve's child, the worker coglet's)."""
+        (coglet,) = _children(self.process.pid)
+        (worker,) = _children(coglet)
+        return worker
 
     def health(self) -> dict:
         return json.loads(self.request("GET", "/health-check", timeout=10)[1])
@@ -250,26 +288,240 @@ def test_body_that_is_not_json_is_400(server, raw):
     assert server.health()["status"] == "READY"
 
 
-def test_second_prediction_while_busy_gets_409(server):
-    """coglet gives a sync predict() one slot, so a request arriving while a prediction runs
-    is refused with 409 rather than queued: clients retry (Replicate's queue does this)."""
-    slow = {"prompt": "a slow one", "steps": 1000, "candidates": 32, "cond_scale": 2.0, "seed": 5}
-    first: list[tuple[int, str]] = []
-    worker = threading.Thread(target=lambda: first.append(server.predict(slow)))
+SLOW = {"prompt": "a slow one", "steps": 300, "candidates": 8, "cond_scale": 2.0}  # a second or more on a tiny model
+
+
+def _solo(tiny_checkpoint, inputs: dict) -> prior.EmbedResult:
+    model = prior.load(tiny_checkpoint, device="cpu")
+    return model.embed(inputs["prompt"], candidates=inputs.get("candidates", 2), cond_scale=inputs.get("cond_scale", 1.0),
+                       steps=inputs.get("steps", 64), seed=inputs["seed"], guidance=inputs.get("guidance", "original"))
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _concurrently(calls: list) -> list:
+    results: list = [None] * len(calls)
+
+    def run(i):
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    return results
+
+
+def test_sixteen_concurrent_clients_are_served_at_once_each_as_if_alone(server, tiny_checkpoint):
+    """16 clients at once, mixed settings: every one answered 200 on the first try, each output
+    equal to a solo Prior.embed call with the same arguments (1e-5 relative), sampled together."""
+    requests = [{"prompt": f"prompt number {i}, " + "a lighthouse " * (i % 4), "seed": 100 + i, "steps": 8,
+                 "candidates": (2, 4)[i % 2], "cond_scale": (1.0, 2.5)[(i // 2) % 2],
+                 "guidance": ("original", "standard")[(i // 4) % 2]} for i in range(16)]
+    answers = _concurrently([lambda r=r: server.predict(r) for r in requests])
+    model = prior.load(tiny_checkpoint, device="cpu")
+    for inputs, (status, body) in zip(requests, answers, strict=True):
+        output = _succeeded(status, body)
+        alone = model.embed(inputs["prompt"], candidates=inputs["candidates"], cond_scale=inputs["cond_scale"],
+                            steps=8, seed=inputs["seed"], guidance=inputs["guidance"])
+        assert output["seed"] == inputs["seed"] and output["chosen"] == int(alone.chosen[0])
+        assert _relative(_array(output["candidates"]), alone.candidates[0]) < 1e-5
+        assert _relative(_array(output["image_embedding"]), alone.image_embedding) < 1e-5
+    batches = [int(n) for n in re.findall(r"sampled a batch of (\d+) ", server.log.read_text())]
+    assert max(batches) > 1, batches  # shared passes, not one request after another
+
+
+@pytest.fixture(scope="module")
+def narrow_server(tiny_checkpoint, tmp_path_factory):
+    """A server that takes two predictions at a time."""
+    running = Server(tiny_checkpoint, tmp_path_factory.mktemp("narrow") / "server.log", args=("--max-concurrency", "2"))
+    try:
+        assert running.wait_for_setup()["status"] == "READY"
+        yield running
+    finally:
+        running.stop()
+
+
+def test_a_request_above_max_concurrency_gets_409(narrow_server):
+    """cog answers 409 when every slot is taken; clients retry (Replicate's queue does this)."""
+    slow = [lambda i=i: narrow_server.predict({**SLOW, "seed": i}) for i in range(2)]
+    results: list = []
+    worker = threading.Thread(target=lambda: results.extend(_concurrently(slow)))
     worker.start()
     try:
-        deadline = time.monotonic() + 30
-        while server.health()["status"] != "BUSY":
-            assert time.monotonic() < deadline, "the first prediction never started"
+        deadline = time.monotonic() + 60
+        while narrow_server.health()["status"] != "BUSY":
+            assert time.monotonic() < deadline, "the two predictions never filled the slots"
             time.sleep(0.02)
-        status, body = server.predict({"prompt": "an impatient one", "steps": 2}, wait_ready=False)
+        status, body = narrow_server.predict({"prompt": "an impatient one", "steps": 2})
         assert status == 409, body
         assert "busy" in body.lower()
     finally:
-        worker.join(timeout=300)
-    output = _succeeded(*first[0])
-    assert output["seed"] == 5 and _array(output["candidates"]).shape[0] == 32
+        worker.join(timeout=600)
+    for status, body in results:
+        assert _succeeded(status, body)["seed"] in (0, 1)
+    assert narrow_server.is_ready()
+
+
+def test_cancelling_one_prediction_of_a_batch_lets_the_other_finish(server, tiny_checkpoint):
+    kept = {**SLOW, "seed": 7}
+    calls = [lambda: server.request("PUT", "/predictions/cancel-me", json.dumps({"input": {**SLOW, "seed": 6}}).encode()),
+             lambda: server.request("PUT", "/predictions/keep-me", json.dumps({"input": kept}).encode())]
+    results: list = []
+    worker = threading.Thread(target=lambda: results.extend(_concurrently(calls)))
+    worker.start()
+    try:
+        time.sleep(1.0)  # both have started (one batch)
+        status, body = server.request("POST", "/predictions/cancel-me/cancel")
+        assert status == 200, body
+    finally:
+        worker.join(timeout=600)
+    (cancel_status, cancelled), (keep_status, kept_body) = results
+    assert cancel_status == 200 and json.loads(cancelled)["status"] == "canceled", cancelled[:300]
+    output = _succeeded(keep_status, kept_body)
+    assert _relative(_array(output["candidates"]), _solo(tiny_checkpoint, kept).candidates[0]) < 1e-5
+
+
+def test_a_client_that_disconnects_mid_prediction_takes_nothing_with_it(server):
+    """The proxy closes coglet's connection as the client did; whatever cog then does with that
+    prediction, the server goes on serving and frees the slot."""
+    body = json.dumps({"input": {**SLOW, "seed": 9}}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(b"POST /predictions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.5)
+    _succeeded(*server.predict({"prompt": "after a hang-up", "steps": 2, "seed": 1}))
+    assert server.is_ready(within=120)
+
+
+BAD_IDS = ["a\u0000b", "x" * 300, "/etc/prior-test-absolute", "../../prior-test-escape", "..", ".hidden", "a/b", ""]
+
+
+@pytest.mark.parametrize("bad_id", BAD_IDS, ids=["nul", "300-chars", "absolute", "dot-dot", "dotdot", "dot", "slash",
+                                                 "empty"])
+def test_a_bad_prediction_id_is_refused_and_takes_no_slot(server, bad_id):
+    body = json.dumps({"id": bad_id, "input": {"prompt": "x", "steps": 2}}).encode()
+    status, answer = server.request("POST", "/predictions", body)
+    assert status == 422, answer
+    assert json.loads(answer)["detail"][0]["loc"] == ["body", "id"]
+    if bad_id:  # in the path too (percent-encoded, as a client library sends it)
+        path = "/predictions/" + urllib.parse.quote(bad_id, safe="")
+        status, answer = server.request("PUT", path, json.dumps({"input": {"prompt": "x", "steps": 2}}).encode())
+        assert status == 422, answer
+        assert json.loads(answer)["detail"][0]["loc"] == ["path", "prediction_id"]
+    assert not Path("/etc/prior-test-absolute").exists() and not Path("/tmp/prior-test-escape").exists()
     assert server.is_ready()
+    _succeeded(*server.predict({"prompt": "still serving", "steps": 2, "seed": 1}))
+
+
+def test_good_prediction_ids_work(server):
+    for good in ("abc", "pred_18eeadb5b0370662", "A-1.b_2", "9" * 100):
+        status, body = server.request("PUT", f"/predictions/{good}", json.dumps({"input": {"prompt": "x", "steps": 2}}).encode())
+        assert status == 200 and json.loads(body)["id"] == good, body[:300]
+
+
+def test_the_prompt_is_bounded_and_an_oversized_body_refused(server):
+    status, body = server.predict({"prompt": "a" * contract.PROMPT_MAX_CHARS + "b", "steps": 2})
+    assert status == 422, body[:300]
+    assert [p["loc"] for p in json.loads(body)["detail"]] == [["body", "input", "prompt"]]
+    _succeeded(*server.predict({"prompt": "cat " * (contract.PROMPT_MAX_CHARS // 4), "steps": 2}))
+    status, body = server.predict({"prompt": "x" * 2_000_000, "steps": 2})
+    assert status == 413, body[:300]
+    assert "request body: at most 1048576 bytes" in body
+    assert server.is_ready()
+
+
+def test_a_killed_worker_is_replaced_and_serving_resumes(server):
+    """SIGKILL of coglet's worker (as the OOM killer would): coglet alone would stay UNHEALTHY
+    and refuse everything; prior serve restarts it, and a valid request is served within 60 s."""
+    old = server.worker()
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        status, body = server.predict({"prompt": "after the crash", "steps": 2, "seed": 3})
+        if status == 200:
+            break
+        assert status == 503 and time.monotonic() < deadline, (status, body[:300])
+        time.sleep(0.5)
+    _succeeded(status, body)
+    assert server.worker() != old
+    assert "restarting it" in server.log.read_text()
+
+
+def test_folders_stay_bounded_over_two_thousand_predictions_and_go_at_shutdown(tiny_checkpoint, tmp_path):
+    """coglet's folder per prediction and the predictor's output folders do not accumulate, and
+    nothing of the server's is left once it has stopped."""
+    (tmp_path / "tmp").mkdir()
+    running = Server(tiny_checkpoint, tmp_path / "server.log", env={"TMPDIR": str(tmp_path / "tmp")})
+    ids = [f"bounded-{i}" for i in range(2000)]
+    try:
+        assert running.wait_for_setup()["status"] == "READY"
+
+        def some(chunk):
+            for prediction_id in chunk:
+                body = json.dumps({"input": {"prompt": "a cat", "steps": 1, "candidates": 1, "seed": 0}}).encode()
+                status, answer = running.request("PUT", f"/predictions/{prediction_id}", body)
+                assert status == 200, answer[:300]
+
+        _concurrently([lambda c=ids[k::16]: some(c) for k in range(16)])
+        assert not [i for i in ids if (Path("/tmp/coglet/predictions") / i).exists()]
+        outputs = list((tmp_path / "tmp").glob("prior-serve-*/prior-outputs-*/prediction-*"))
+        assert 0 < len(outputs) <= predict_keep()
+    finally:
+        running.terminate()
+        assert running.process.wait(timeout=60) == 0
+    assert not list((tmp_path / "tmp").iterdir())
+    assert not [pid for pid in running.processes() if pid != running.process.pid]
+
+
+def predict_keep() -> int:
+    import predict
+
+    return predict.OutputFolders.KEEP
+
+
+def test_the_server_samples_on_every_core(full_checkpoint, tmp_path):
+    """Inside the server the CPU path uses more than one thread: the worker's CPU time over the
+    wall time of a full-size prediction (best of three) is near the core count, not 1."""
+    cores = min(os.cpu_count() or 1, torch.get_num_threads())
+    if cores < 2:
+        pytest.skip("one core here")
+    running = Server(full_checkpoint, tmp_path / "server.log")
+    try:
+        assert running.wait_for_setup()["status"] == "READY", running.log.read_text()[-2000:]
+        worker = running.worker()
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def cpu_seconds() -> float:
+            fields = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks
+
+        best = 0.0
+        for seed in range(3):
+            cpu, wall = cpu_seconds(), time.perf_counter()
+            _succeeded(*running.predict({"prompt": "a red cube", "steps": 16, "candidates": 8, "seed": seed}))
+            best = max(best, (cpu_seconds() - cpu) / (time.perf_counter() - wall))
+    finally:
+        running.stop()
+    assert best > 0.85 * cores, f"the server's worker used {best:.2f} of {cores} cores"
+
+
+def test_remove_stale_folders_takes_only_those_of_dead_servers(tmp_path, monkeypatch):
+    from prior import serve
+
+    monkeypatch.setattr(serve.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{serve.TEMP_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{serve.TEMP_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "unrelated-1-2"
+    for folder in (stale, live, other):
+        (folder / "prior-outputs-x").mkdir(parents=True)
+    serve.remove_stale_folders()
+    assert not stale.exists() and live.exists() and other.exists()
 
 
 def test_schemathesis_finds_no_server_errors(server, tmp_path):
@@ -292,31 +544,37 @@ def test_bad_weights_fail_setup_with_a_clear_line(servers, name):
     with pytest.raises(prior.WeightsError) as expected:  # the engine's own one-line message: file and problem
         prior.load(path)
     assert str(expected.value).startswith(f"{path}: ")
-    assert str(expected.value) in health["setup"]["logs"]
+    assert f"{path.name}: {expected.value.problem}" in health["setup"]["logs"]  # the file's name: no host paths
+    assert str(path.parent) not in json.dumps(health)
     status, body = running.predict({"prompt": "x"}, wait_ready=False)
     assert status == 503, body
     assert running.health()["status"] == "SETUP_FAILED"
 
 
-def test_serve_becomes_the_server(tiny_checkpoint, tmp_path):
-    """`prior serve` execs cog's server: one process, so a signal sent to it (here SIGTERM to
-    that pid alone) stops the server. Started from another folder with a relative
-    $PRIOR_WEIGHTS, which means that folder's file. At shutdown the outputs folder goes too."""
+def test_serve_stops_cleanly_on_sigterm(tiny_checkpoint, tmp_path):
+    """SIGTERM to the `prior serve` pid alone stops it, coglet and the worker, exit 0, and removes
+    its temporary folder. Started from another folder with a relative $PRIOR_WEIGHTS, which means
+    that folder's file; the log names the file, not the host's folders."""
     shutil.copy(tiny_checkpoint, tmp_path / "mine.pth")
     (tmp_path / "tmp").mkdir()
     running = Server(None, tmp_path / "server.log", cwd=tmp_path,
                      env={"PRIOR_WEIGHTS": "mine.pth", "TMPDIR": str(tmp_path / "tmp")})
     try:
         assert running.wait_for_setup()["status"] == "READY", running.log.read_text()[-3000:]
-        assert Path(f"/proc/{running.process.pid}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-m", b"cog.server.http"]
         _succeeded(*running.predict({"prompt": "a cat", "steps": 2}))
-        assert len(list((tmp_path / "tmp").glob("prior-outputs-*/prediction-*"))) == 1
+        assert len(list((tmp_path / "tmp").glob("prior-serve-*/prior-outputs-*/prediction-*"))) == 1
+        family = running.processes()
+        assert len(family) == 3  # prior serve, coglet, its worker
         running.process.send_signal(signal.SIGTERM)
         assert running.process.wait(timeout=60) == 0
     finally:
         running.stop()
-    assert f"loaded {tmp_path / 'mine.pth'}" in running.log.read_text()
-    assert not list((tmp_path / "tmp").glob("prior-outputs-*"))
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in family if Path(f"/proc/{pid}").exists()]
+    assert "loaded mine.pth on cpu" in running.log.read_text()
+    assert not list((tmp_path / "tmp").iterdir())
 
 
 def test_serve_on_a_busy_port_gives_exit_2_and_one_line(tmp_path):

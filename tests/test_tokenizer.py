@@ -224,3 +224,55 @@ def test_a_huge_prompt_is_read_only_as_far_as_77_tokens_need():
     tokens, truncated = Tokenizer()([prompt, "x " * 74, "x " * 75, "x " * 76])
     assert torch.equal(tokens, original_tokens([prompt, "x " * 74, "x " * 75, "x " * 76]))
     assert truncated == [True, False, False, True]
+
+
+def _long_texts() -> list[str]:
+    """Texts over PIECE characters, with lines under it, where the first tokens sit in every
+    kind of place: at the start, after a long run of whitespace or invisible text, after many
+    short lines, in the second and third piece."""
+    rng = random.Random(11)
+    corpus_text = "\n".join(rng.choice(CORPUS) for _ in range(2000))  # many awkward lines
+    return [
+        corpus_text,
+        " " * 70_000 + "a cat on a mat " * 20,  # the tokens start in the second piece
+        " " * 65_530 + "antidisestablishmentarianism " * 30,  # ... and straddle the first cut
+        "\n" * 65_534 + "cafÃ© &amp; 5!$ " * 30,  # a line's mojibake and entities across it
+        "\n" * 100_000 + "&amp; cafÃ© 5!$ " * 30,  # ... after only line breaks
+        "\u200b " * 40_000 + "a red cube",  # invisible text first: it makes no tokens
+        "\t".join(["word"] * 30_000),  # no line break at all: cut at whitespace
+        ("x" * 60_000 + "\n") * 3 + "tail",  # lines just under PIECE
+        "\n".join(" ".join(rng.choice(FRAGMENTS) for _ in range(200)) for _ in range(400)),
+    ]
+
+
+@pytest.mark.parametrize("text", _long_texts(), ids=lambda t: f"{t[:8]!r}..x{len(t)}")
+def test_a_long_text_read_in_pieces_gives_clip_tokenizes_tokens(text):
+    """Past PIECE characters the tokenizer cleans a piece at a time and stops once 77 tokens are
+    known: for any text whose lines are under PIECE characters, the result is exactly
+    clip.tokenize's, which cleans the whole text."""
+    from prior.text import PIECE
+
+    assert len(text) > PIECE
+    tokens, truncated = Tokenizer()([text])
+    assert torch.equal(tokens, original_tokens([text]))
+    assert truncated == [original_would_truncate(text)]
+
+
+def test_a_100_mb_prompt_costs_what_its_first_piece_costs(tiny_checkpoint):
+    """Through the Python API: under a second and about no memory beyond the prompt itself."""
+    import time
+    import tracemalloc
+
+    import prior
+
+    model = prior.load(tiny_checkpoint, device="cpu")
+    for prompt in ("a painting of a lighthouse " * 4_000_000, " " * 100_000_000 + "cat", "x" * 100_000_000):
+        tracemalloc.start()
+        started = time.perf_counter()
+        result = model.embed(prompt, steps=1, seed=0)
+        seconds = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert seconds < 1.0, seconds
+        assert peak < 100e6, peak
+        assert result.tokens.shape == (1, 77)
