@@ -36,6 +36,8 @@ DEFAULT_CANDIDATES = 2
 COND_SCALE = (0.0, 5.0)  # classifier-free guidance scale; 1 = none
 DEFAULT_COND_SCALE = 1.0
 DEFAULT_STEPS = 64  # sampling steps when none are given; all of a shorter schedule
+BATCH_SIZE = (1, 65536)  # prompts per forward pass of the batch and eval commands (inclusive bounds)
+DEFAULT_BATCH_SIZE = 64
 SEED_LIMIT = 2**32  # seeds are 0 .. SEED_LIMIT - 1
 # "original": dalle2-pytorch 0.11.5 exactly, its in-place text-mask quirk included (see README);
 # "standard": textbook classifier-free guidance.
@@ -473,6 +475,39 @@ def remove_empty(folders: list[Path]) -> None:
             continue
         except OSError:
             return
+
+
+def read_manifest(path: Path, kind: str, field: str = "out") -> dict | None:
+    """A run folder's JSON record of its settings (`kind`: "batch", "eval"), or None when there
+    is none. Anything but a JSON object is an ArgumentError for `field`, the folder."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArgumentError(field, f"{str(path)!r} is not a readable {kind} manifest ({e})") from None
+    if not isinstance(record, dict):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ArgumentError(field, f"{str(path)!r} is not {article} {kind} manifest (holds a {type(record).__name__}, "
+                                   "not an object); remove it or choose another --out")
+    return record
+
+
+def check_same_run(out: Path, previous: dict | None, record: dict, keys: tuple[str, ...], stray: Path | None,
+                   parts: str, manifest: str) -> None:
+    """Refuse to mix two runs' `parts` ("shards", "chunks") in the folder `out`: a previous
+    manifest whose `keys` differ from `record`'s, or a part (`stray`) with no manifest to say
+    which run wrote it. ArgumentError for --out."""
+    if previous is None:
+        if stray is not None:
+            raise ArgumentError("out", f"{str(out)!r} holds {parts} ({str(stray)!r}) but no {manifest} to say which "
+                                       "run wrote them; remove them or choose another --out")
+        return
+    differing = [k for k in keys if previous.get(k) != record[k]]
+    if differing:
+        shown = "; ".join(f"{k}: {previous.get(k)!r} there, {record[k]!r} now" for k in differing[:3])
+        raise ArgumentError("out", f"{str(out)!r} holds a run with other data or settings ({shown}); "
+                                   "repeat them to resume it, or choose another --out")
 
 
 # -- the result files -------------------------------------------------------------------------------
