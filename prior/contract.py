@@ -494,10 +494,10 @@ def read_manifest(path: Path, kind: str, field: str = "out") -> dict | None:
 
 
 def check_same_run(out: Path, previous: dict | None, record: dict, keys: tuple[str, ...], stray: Path | None,
-                   parts: str, manifest: str) -> None:
+                   parts: str, manifest: str, keys_are: str = "settings") -> None:
     """Refuse to mix two runs' `parts` ("shards", "chunks") in the folder `out`: a previous
-    manifest whose `keys` differ from `record`'s, or a part (`stray`) with no manifest to say
-    which run wrote it. ArgumentError for --out."""
+    manifest whose `keys` (what they are, for the message: "settings") differ from `record`'s,
+    or a part (`stray`) with no manifest to say which run wrote it. ArgumentError for --out."""
     if previous is None:
         if stray is not None:
             raise ArgumentError("out", f"{str(out)!r} holds {parts} ({str(stray)!r}) but no {manifest} to say which "
@@ -506,7 +506,7 @@ def check_same_run(out: Path, previous: dict | None, record: dict, keys: tuple[s
     differing = [k for k in keys if previous.get(k) != record[k]]
     if differing:
         shown = "; ".join(f"{k}: {previous.get(k)!r} there, {record[k]!r} now" for k in differing[:3])
-        raise ArgumentError("out", f"{str(out)!r} holds a run with other data or settings ({shown}); "
+        raise ArgumentError("out", f"{str(out)!r} holds a run with other {keys_are} ({shown}); "
                                    "repeat them to resume it, or choose another --out")
 
 

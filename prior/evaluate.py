@@ -473,7 +473,7 @@ def check_manifest(out: Path, previous: dict | None, record: dict) -> None:
     """Refuse to mix two runs' chunks: a manifest for other data, weights or seed, or chunks with
     no manifest to say which run wrote them."""
     stray = next(iter(sorted((out / "chunks").glob("*"))), None)
-    contract.check_same_run(out, previous, record, RESUME_KEYS, stray, "chunks", MANIFEST)
+    contract.check_same_run(out, previous, record, RESUME_KEYS, stray, "chunks", MANIFEST, "data or settings")
 
 
 # ---------------------------------------------------------------------------------------------
