@@ -114,10 +114,8 @@ def parse_int(field: str, text: str, low: int, high: int) -> int:
 
 def parse_float(field: str, text: str, low: float, high: float) -> float:
     """Text as typed on a command line: a plain ASCII decimal number, in low..high; -0 is 0."""
-    if not _ASCII_FLOAT.fullmatch(text):
+    if not _ASCII_FLOAT.fullmatch(text) or not low <= float(text) <= high:
         raise ArgumentError(field, f"must be a finite number in {low:g}..{high:g}, got {shown(text)}")
-    if not low <= float(text) <= high:
-        raise ArgumentError(field, f"must be a finite number in {low:g}..{high:g}, got {text}")
     return float(text) + 0.0  # -0.0 + 0.0 is 0.0
 
 
