@@ -63,7 +63,7 @@ from bench.common import (
 )
 from prior.diffusion import Schedule, ddpm_sample, exact_schedule
 
-# Targets from issue 4 (CPU part).
+# The CPU targets.
 TARGET_STEP = 1.3  # float32 per step, no guidance, times the oracle
 TARGET_STEP_GUIDED = 1.8  # float32 per step, cond_scale != 1
 TARGET_BF16 = 2.5  # bfloat16 per step
@@ -300,7 +300,7 @@ class Bench:
 
 
 def targets(rows: list[dict], deviations: list[dict], footprints: list[dict]) -> list[dict]:
-    """Each issue-4 CPU target: the number measured and whether it is met (worst case over batches)."""
+    """Each CPU target: the number measured and whether it is met (worst case over batches)."""
     steps = [r for r in rows if r["group"] == "step"]
     out = []
 

@@ -1,6 +1,6 @@
 """GPU benchmark: our engine against dalle2-pytorch 0.11.5 under fp16 autocast, same checkpoint.
 
-Run it through bench/gpu.sh on a lent GPU machine (it installs what is missing and builds
+Run it through bench/gpu.sh on a GPU machine (it installs what is missing and builds
 the checkpoint first); by hand, from the repository root:
 
     python -m bench.gpu --out-dir DIR [--weights PATH] [--budget-s 270]
@@ -61,7 +61,7 @@ from bench.common import (
     write_json,
 )
 
-# Targets from issue 4 (GPU part).
+# The GPU targets.
 TARGET_64_STEPS_S = 0.100
 TARGET_1000_STEPS_S = 1.5
 TARGET_STEP_RATIO = 10.0

@@ -7,10 +7,10 @@
 # The GPU machine is x86-64 with Python 3.12 and, usually, torch with CUDA preinstalled,
 # and no internet. So:
 # 1. python3 with its CUDA torch as it is; the oracle (dalle2-pytorch 0.11.5 and friends)
-#    and ftfy, which the image lacks, go to /tmp/prior-bench-site on PYTHONPATH,
-#    from the wheels in bench/cache/wheels when present (carry that folder along), else
+#    and ftfy, which the image lacks, go to bench/cache/site on PYTHONPATH,
+#    from the wheels in bench/cache/wheels when present (copy that folder along), else
 #    from the index. Nothing is installed when they all import already;
-# 2. without a CUDA torch: a venv in /tmp with requirements-test.txt from the index;
+# 2. without a CUDA torch: a venv in bench/cache/venv with requirements-test.txt from the index;
 # 3. the full-size random checkpoint, built into bench/cache (about a minute);
 # 4. python -m bench.gpu, which writes its JSON and the table under $OUT;
 # 5. only with WITH_SAMPLERS=1: python -m bench.mixture real, the default sampler against the
@@ -42,18 +42,18 @@ started=$(date +%s)
 stamp() { echo "[gpu.sh +$(( $(date +%s) - started )) s] $*"; }
 
 stamp "machine: $(uname -m), $(nproc) cores; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
-py=$(command -v python3)  # on the lent GPU machines, the python3 that holds PyTorch
+py=$(command -v python3)  # on a GPU machine image, the python3 that holds PyTorch
 if "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  # That python is often itself a venv (/opt/torch/.venv), whose packages a new venv's
+  # That python is often itself a venv, whose packages a new venv's
   # --system-site-packages would not see: add ours in a folder on PYTHONPATH instead.
-  stamp "torch with CUDA found in $py: missing packages go to /tmp/prior-bench-site"
-  site=/tmp/prior-bench-site
+  stamp "torch with CUDA found in $py: missing packages go to bench/cache/site"
+  site="$PWD/bench/cache/site"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   install=("$py" -m pip install --quiet --disable-pip-version-check --no-compile --target "$site")
 else
   stamp "no CUDA torch in $py: a venv with requirements-test.txt from the index (needs the network)"
-  "$py" -m venv /tmp/prior-bench-venv
-  py=/tmp/prior-bench-venv/bin/python
+  "$py" -m venv bench/cache/venv
+  py="$PWD/bench/cache/venv/bin/python"
   "$py" -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
   install=("$py" -m pip install --quiet --disable-pip-version-check)
 fi

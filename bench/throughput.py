@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.oracle and bench.common, when run as a script
 
-from bench.common import full_checkpoint  # noqa: E402  (needs the path above)
+from bench.common import full_checkpoint, write_json  # noqa: E402  (needs the path above)
 
 CACHE = ROOT / "bench" / "cache"
 RESULTS = ROOT / "bench" / "results"
@@ -109,8 +108,7 @@ def main() -> int:
               "best": {"batch_size": best["batch_size"], "prompts_per_second": best["prompts_per_second"]},
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out = args.out or RESULTS / f"throughput-{model['device'].split(':')[0]}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out, record)
 
     print(f"\nsteps {args.steps}, candidates {args.candidates}, {model['device']} {model['dtype']}, "
           f"{info['cpu']} ({info['torch_threads']} threads), load average {info['load_average_at_start'][0]:.1f}")

@@ -97,6 +97,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="network precision (default: float16 on cuda, float32 on cpu)")
 
 
+def add_batch_size_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    low, high = contract.BATCH_SIZE
+    parser.add_argument("--batch-size", type=int_in(low, high), default=contract.DEFAULT_BATCH_SIZE,
+                        help=f"prompts per forward pass ({low}..{high}, default {contract.DEFAULT_BATCH_SIZE}){note}")
+
+
 def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     """field (an option's dest) -> the flag a user typed (`--cond-scale`, or a positional's METAVAR)."""
     names = {}

@@ -36,7 +36,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import contract
-from .arguments import add_sampling_arguments, check_device, folder_path, int_in, progress_bar, resolve_steps
+from .arguments import (
+    add_batch_size_argument,
+    add_sampling_arguments,
+    check_device,
+    folder_path,
+    int_in,
+    progress_bar,
+    resolve_steps,
+)
 from .contract import SEED_LIMIT, ArgumentError
 from .tables import TABLE_SUFFIXES, read_text_column
 
@@ -447,33 +455,21 @@ class RayWorkers:
 
 def read_manifest(out: Path) -> dict | None:
     """The previous run's record in `out`, or None when there is none."""
-    path = out / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArgumentError("out", f"{str(path)!r} is not a readable batch manifest ({e})") from None
-    if not isinstance(record, dict):
-        raise ArgumentError("out", f"{str(path)!r} is not a batch manifest (holds a {type(record).__name__}, "
-                                   "not an object); remove it or choose another --out")
-    return record
+    return contract.read_manifest(out / MANIFEST, "batch")
 
 
 def check_manifest(out: Path, previous: dict | None, record: dict) -> None:
     """Refuse to mix two runs' shards in one folder: a manifest with other settings, or shards
     with no manifest to say which run wrote them."""
-    if previous is None:
-        stray = [p for folder in ("img_emb", "text_emb", "metadata") for p in sorted((out / folder).glob("*"))[:1]]
-        if stray:
-            raise ArgumentError("out", f"{str(out)!r} holds shards ({str(stray[0])!r}) but no {MANIFEST} to say which "
-                                       "run wrote them; remove them or choose another --out")
-        return
-    differing = [k for k in RESUME_KEYS if previous.get(k) != record[k]]
-    if differing:
-        shown = "; ".join(f"{k}: {previous.get(k)!r} there, {record[k]!r} now" for k in differing[:3])
-        raise ArgumentError("out", f"{str(out)!r} holds a run with other settings ({shown}); "
-                                   "repeat its settings to resume it, or choose another --out")
+    stray = next((p for folder in ("img_emb", "text_emb", "metadata") for p in sorted((out / folder).glob("*"))), None)
+    contract.check_same_run(out, previous, record, RESUME_KEYS, stray, "shards", MANIFEST)
+
+
+def remove_partials(folder: Path) -> None:
+    """Delete the temporary files (`.*.partial`) a killed run left in `folder`: the shards they
+    belonged to are unfinished and will be written again."""
+    for partial in folder.glob(".*.partial"):
+        partial.unlink(missing_ok=True)
 
 
 def write_manifest(out: Path, record: dict) -> None:
@@ -502,8 +498,7 @@ def add_parser(commands) -> None:
                         help="output directory: img_emb/, text_emb/, metadata/, batch.json; rerun to resume")
     parser.add_argument("--column", default=None,
                         help=f"the prompt column of a .parquet / .csv INPUT (default: {DEFAULT_TABLE_COLUMN!r})")
-    parser.add_argument("--batch-size", type=int_in(1, 65536), default=64,
-                        help="prompts per forward pass (1..65536, default 64); does not change the results")
+    add_batch_size_argument(parser, "; does not change the results")
     parser.add_argument("--shard-size", type=int_in(1, 100_000_000), default=100_000,
                         help="rows per output file, and the unit of resumption (default 100000)")
     parser.add_argument("--emb-dtype", choices=("float32", "float16"), default="float32",
@@ -556,6 +551,7 @@ def run_batch(args: argparse.Namespace) -> int:
         job = Job(out, prompts, settings, args.batch_size, shards, todo)
         for folder in ("img_emb", "text_emb", "metadata"):
             (out / folder).mkdir(parents=True, exist_ok=True)
+            remove_partials(out / folder)
         write_manifest(out, record)
 
         bar = progress_bar(len(prompts.texts), args.quiet, desc="embedding", unit="prompt", initial=job.rows_done())

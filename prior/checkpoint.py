@@ -21,6 +21,7 @@ import pickle
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,7 +176,8 @@ def _remember_verified(path: Path, sha256: str) -> None:
 
 
 def convert_to_safetensors(
-    src: str | Path, dst: str | Path | None = None, expected_sha256: str | None = None, dtype: torch.dtype | None = None
+    src: str | Path, dst: str | Path | None = None, expected_sha256: str | None = None, dtype: torch.dtype | None = None,
+    done: Callable[[], None] | None = None,
 ) -> Path:
     """Write what inference needs from `src` to `dst` (default: src with .safetensors), plus
     `dst.sha256`. The source is fully checked first; `dst` appears only when complete.
@@ -183,7 +185,8 @@ def convert_to_safetensors(
     `dtype` stores the network and text weights in that precision (default: as in `src`,
     float16). Stored in the precision they run in (float32 on a CPU), they are used straight
     from the memory map, with no conversion at load. The schedule buffers keep the file's
-    fp16-rounded values either way (float32 holds them exactly).
+    fp16-rounded values either way (float32 holds them exactly). `done` runs once both files
+    are in place, before a held back Ctrl-C lands (contract.atomic_path).
     """
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_suffix(".safetensors")
@@ -199,7 +202,7 @@ def convert_to_safetensors(
     metadata = {"format": contract.CONVERTED_FORMAT, "source": src.name,
                 "source_sha256": weights.sha256 or sha256_of(src),
                 "source_size": str(source.st_size), "source_mtime_ns": str(source.st_mtime_ns)}
-    _write_converted(kept, metadata, dst)
+    _write_converted(kept, metadata, dst, done)
     return dst
 
 
@@ -207,13 +210,11 @@ def convert_to_safetensors(
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
 
 
-def save_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str], f) -> str:
+def save_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str], f) -> None:
     """Write `state` to the open binary file `f` in the safetensors format (an 8-byte header
-    length, a JSON header of names, dtypes, shapes and byte offsets, then the raw bytes), and
-    return the SHA-256 of what was written. Our own writer, so that a failing disk is a plain
-    OSError with its errno (safetensors' save_file reports it only as text)."""
-    import hashlib
-
+    length, a JSON header of names, dtypes, shapes and byte offsets, then the raw bytes). Our
+    own writer, so that a failing disk is a plain OSError with its errno (safetensors'
+    save_file reports it only as text)."""
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name in sorted(state):
@@ -224,29 +225,26 @@ def save_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str], f
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    digest = hashlib.sha256()
-    for chunk in (len(head).to_bytes(8, "little"), head):
-        f.write(chunk)
-        digest.update(chunk)
+    f.write(len(head).to_bytes(8, "little"))
+    f.write(head)
     for name in sorted(state):
-        data = state[name].contiguous().view(-1).view(torch.uint8).numpy().data
-        f.write(data)
-        digest.update(data)
-    return digest.hexdigest()
+        f.write(state[name].contiguous().view(-1).view(torch.uint8).numpy().data)
 
 
-def _write_converted(state: dict[str, torch.Tensor], metadata: dict[str, str], dst: Path) -> None:
-    """Write `dst` and its sidecar whole (contract.atomic_path). The sidecar is renamed into
-    place just before the file, with Ctrl-C and SIGTERM held back across both renames, so a
-    sidecar never describes another file than the one beside it; only a hard kill (SIGKILL,
-    power loss) between the two renames can leave a new sidecar beside the old file, which a
-    load then reports as changed since conversion. On any failure both partial files
-    (hundreds of MB) are deleted: a conversion always starts over."""
+def _write_converted(state: dict[str, torch.Tensor], metadata: dict[str, str], dst: Path,
+                     done: Callable[[], None] | None = None) -> None:
+    """Write `dst` and its sidecar whole (contract.atomic_paths). The sidecar holds the SHA-256
+    of the bytes read back from disk. Both are renamed into place, sidecar first, with Ctrl-C
+    and SIGTERM held back across the two renames, so a sidecar never describes another file
+    than the one beside it; only a hard kill (SIGKILL, power loss) between the two renames can
+    leave a new sidecar beside an old file, which a load then reports as changed since
+    conversion. On any failure both partial files (hundreds of MB) are deleted: a conversion
+    always starts over."""
     try:
-        with contract.atomic_paths([contract.sidecar_path(dst), dst]) as (sidecar_partial, partial):
+        with contract.atomic_paths([contract.sidecar_path(dst), dst], done=done) as (sidecar_partial, partial):
             with open(partial, "wb") as f:
-                sha256 = save_safetensors(state, metadata, f)
-            sidecar_partial.write_text(f"{sha256}  {dst.name}\n")
+                save_safetensors(state, metadata, f)
+            sidecar_partial.write_text(f"{sha256_of(partial)}  {dst.name}\n")
     except contract.OutputError as e:
         raise WeightsError(dst, f"cannot write the converted file ({e.reason})") from None
 
@@ -282,17 +280,20 @@ _LEGACY_MAGIC = (torch.serialization.MAGIC_NUMBER.to_bytes(10, "little"),  # pic
 _HEAD_BYTES = 64
 
 
-def _check_torch_format(path: Path) -> None:
-    """Refuse a file that is neither of torch's formats before unpickling anything. Otherwise
-    torch reads its first bytes as pickle opcodes and fails with a message about them (text
-    starting "he" gives `KeyError: 101`, the memo index 'e' after the opcode 'h')."""
+def _is_zip_format(path: Path) -> bool:
+    """True for torch.save's zip format, False for the legacy one; any other file is refused
+    before anything is unpickled. Otherwise torch reads its first bytes as pickle opcodes and
+    fails with a message about them (text starting "he" gives `KeyError: 101`, the memo index
+    'e' after the opcode 'h')."""
     try:
         with open(path, "rb") as f:
             head = f.read(_HEAD_BYTES)
     except OSError as e:
         raise WeightsError(path, f"cannot read ({e.strerror or e})") from None
-    if head.startswith(_ZIP_MAGIC) or any(magic in head for magic in _LEGACY_MAGIC):
-        return
+    if head.startswith(_ZIP_MAGIC):
+        return True
+    if any(magic in head for magic in _LEGACY_MAGIC):
+        return False
     raise WeightsError(path, f"not a PyTorch checkpoint (neither a zip archive nor a legacy torch file){_preview(head)}")
 
 
@@ -307,16 +308,11 @@ def _preview(head: bytes) -> str:
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    _check_torch_format(path)
+    mmap = _is_zip_format(path)  # memory-mapped: the visual tower we drop is never read from disk
     try:
         with warnings.catch_warnings():  # torch warns on old-format files; the error below says it all
             warnings.simplefilter("ignore")
-            try:  # memory-mapped: the visual tower we drop is never read from disk
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's message is long; the useful part is the line naming what was refused
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]

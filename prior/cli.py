@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from . import batch, contract, evaluate, search
+from . import batch, contract, evaluate, search, weights
 from .arguments import (
     OneLineParser,
     add_sampling_arguments,
@@ -93,6 +93,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
     contract.check_output_folder("out", args.out)
     check_device(args.device)
+    weights.fetch_default_weights(args.weights)  # only with $PRIOR_DOWNLOAD=1, as scripts/embed.sh sets it
     model = load_for_sampling(args)
     bar = progress_bar(args.steps, disable=args.quiet)
     try:
@@ -101,9 +102,10 @@ def run_embed(args: argparse.Namespace) -> int:
                              on_step=lambda i, total: bar.update(1))
     finally:
         bar.close()
-    with contract.signals_deferred():  # a Ctrl-C meanwhile lands after the files, and the message says so
-        contract.write_result(args.out, result, record=result_record(result, model))
+    def written() -> None:  # runs with Ctrl-C held back: one landing now says what is on disk
         args.interrupted = f"interrupted; {args.out}/ holds the complete new outputs"
+
+    contract.write_result(args.out, result, record=result_record(result, model), done=written)
     chosen = int(result.chosen[0])
     print(f"wrote {args.out}/ (candidate {chosen} of {args.candidates}, score {result.scores[0, chosen]:.4f}, "
           f"seed {result.seed}{', prompt truncated to 77 tokens' if result.truncated[0] else ''})")
@@ -118,6 +120,4 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_weights(args: argparse.Namespace) -> int:
-    from . import weights
-
     return weights.main(args.rest, prog=f"{args.prog} weights")

@@ -36,6 +36,8 @@ DEFAULT_CANDIDATES = 2
 COND_SCALE = (0.0, 5.0)  # classifier-free guidance scale; 1 = none
 DEFAULT_COND_SCALE = 1.0
 DEFAULT_STEPS = 64  # sampling steps when none are given; all of a shorter schedule
+BATCH_SIZE = (1, 65536)  # prompts per forward pass of the batch and eval commands (inclusive bounds)
+DEFAULT_BATCH_SIZE = 64
 SEED_LIMIT = 2**32  # seeds are 0 .. SEED_LIMIT - 1
 # "original": dalle2-pytorch 0.11.5 exactly, its in-place text-mask quirk included (see README);
 # "standard": textbook classifier-free guidance.
@@ -50,7 +52,7 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_CONCURRENCY = 32  # predictions a server runs at once (cog.yaml's concurrency.max): see README "Serving"
 PROMPT_MAX_CHARS = 10_000  # the HTTP API's bound on a prompt (predict.py's max_length); CLIP reads 77 tokens
-SHORTENED = 40  # a value longer than this is shortened in messages
+SHORTENED = 80  # a value longer than this is shortened in messages (a SHA-256 is not)
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -106,8 +108,10 @@ _ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})
 def parse_int(field: str, text: str, low: int, high: int) -> int:
     """Text as typed on a command line: plain ASCII decimal digits only (no '1_0', no other
     scripts' digits, no spaces), in low..high."""
-    if not _ASCII_INT.fullmatch(text) or not low <= int(text) <= high:
+    if not _ASCII_INT.fullmatch(text):
         raise ArgumentError(field, f"must be an integer in {low}..{high}, got {shown(text)}")
+    if not low <= int(text) <= high:
+        raise ArgumentError(field, f"must be an integer in {low}..{high}, got {text}")
     return int(text)
 
 
@@ -184,6 +188,7 @@ def check_sha256(field: str, value: object) -> str | None:
 WEIGHTS_NAME = "prior_ema_fp16.pth"  # LAION's file
 WEIGHTS_ENV = "PRIOR_WEIGHTS"  # a weights file to use instead of the default
 CACHE_ENV = "PRIOR_CACHE"  # a folder for the default weights outside a source checkout
+DOWNLOAD_ENV = "PRIOR_DOWNLOAD"  # "1": `prior embed` downloads the default weights when they are missing
 # sha256 of LAION's file (huggingface.co/laion/DALLE2-PyTorch, prior_ema_fp16.pth)
 PRIOR_EMA_FP16_SHA256 = "b7d6ec6be12f285c0cd128655974b544885a49a3ff17feb5346226fea59757fa"
 CONVERTED_FORMAT = "conditioned-prior/1"  # the metadata tag of our converted .safetensors files
@@ -286,23 +291,19 @@ def sidecar_sha256(path: str | Path) -> str | None:
     fields = data[:200].split()
     recorded = fields[0].decode("ascii", errors="replace") if fields else ""
     if not is_sha256(recorded):
-        raise WeightsError(sidecar, "does not hold a SHA-256 (64 hexadecimal digits); "
-                                    "run `prior weights convert` again")
+        raise WeightsError(sidecar, "does not hold a SHA-256 (64 hexadecimal digits)")
     return recorded.lower()
 
 
 def required_sha256(path: str | Path, given: str | None = None, published: bool = False) -> str | None:
     """The SHA-256 `path` must have: `given`, else a `.safetensors` file's sidecar, else (with
     `published`, as `verify` asks) LAION's published hash for any other file, else None (not
-    checked: a .pth is checked by its zip records' CRC-32 instead)."""
+    checked: a .pth is checked by its zip records' CRC-32 instead; a .safetensors without a
+    sidecar has nothing to be checked against)."""
     if given is not None:
         return given.lower()
     if Path(path).suffix == ".safetensors":
-        recorded = sidecar_sha256(path)
-        if recorded is None and published:
-            raise WeightsError(path, f"no {sidecar_path(path).name} sidecar to check it against "
-                                     "(convert writes one; or give the expected SHA-256)")
-        return recorded
+        return sidecar_sha256(path)
     return PRIOR_EMA_FP16_SHA256 if published else None
 
 
@@ -324,55 +325,57 @@ def _raise_terminated(signum, frame):
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """While the body runs (in the main thread), SIGTERM raises Terminated, a KeyboardInterrupt."""
+def _in_main_thread(apply: Callable[[], object], undo: Callable[[object], object]) -> Iterator[None]:
+    """apply() before the body and undo(what it returned) after; nothing outside the main
+    thread, where signal handlers and masks cannot be changed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = apply()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        undo(previous)
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
+def sigterm_as_interrupt() -> contextlib.AbstractContextManager[None]:
+    """While the body runs (in the main thread), SIGTERM raises Terminated, a KeyboardInterrupt."""
+    return _in_main_thread(lambda: signal.signal(signal.SIGTERM, _raise_terminated),
+                           lambda previous: signal.signal(signal.SIGTERM, previous))
+
+
+def signals_deferred() -> contextlib.AbstractContextManager[None]:
     """Hold SIGINT and SIGTERM back while the body runs (a few renames), so that a Ctrl-C or a
     kill lands before or after them, never between: what is on disk is then the old state or the
     new one, and the message printed says which. Only the main thread can do this."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return _in_main_thread(lambda: signal.pthread_sigmask(signal.SIG_BLOCK, held),
+                           lambda previous: signal.pthread_sigmask(signal.SIG_SETMASK, previous))
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, mode: int = 0o666) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (named `.NAME.*.partial`, which readers' globs skip:
+def atomic_path(path: str | Path, mode: int = 0o666, done: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (named `.STEM.*SUFFIX.partial`, which readers' globs skip:
     write it through an open file, as np.save would append .npy to a bare path); once the body
     has written it, it is flushed to disk and renamed to `path` (`mode` under the umask). If the
     body fails, Ctrl-C included, the temporary file is removed and `path` is untouched. Write
-    failures are OutputError naming `path`."""
-    with atomic_paths([path], mode) as (partial,):
+    failures are OutputError naming `path`. `done` runs right after the rename, before a held
+    back Ctrl-C lands: it records that the file is written (for the message an interruption prints)."""
+    with atomic_paths([path], mode, done) as (partial,):
         yield partial
 
 
 @contextlib.contextmanager
-def atomic_paths(paths: list[str | Path], mode: int = 0o666) -> Iterator[list[Path]]:
+def atomic_paths(paths: list[str | Path], mode: int = 0o666,
+                 done: Callable[[], None] | None = None) -> Iterator[list[Path]]:
     """atomic_path for several files that belong together (a file and its sidecar): all are
     renamed into place, in the given order, with Ctrl-C and SIGTERM held back across the
-    renames, or none is."""
+    renames and `done`, or none is."""
     paths = [Path(p) for p in paths]
     partials: list[Path] = []
     try:
         for path in paths:
-            handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+            handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.partial", dir=path.parent)
             os.close(handle)
             partials.append(Path(name))
         yield partials
@@ -383,6 +386,8 @@ def atomic_paths(paths: list[str | Path], mode: int = 0o666) -> Iterator[list[Pa
         with signals_deferred():
             for partial, path in zip(partials, paths, strict=True):
                 os.replace(partial, path)
+            if done is not None:
+                done()
     except OSError as e:
         failed = paths[min(len(partials), len(paths) - 1)] if len(partials) < len(paths) else paths[0]
         raise OutputError(failed, f"cannot write ({os_reason(e)})", os_reason(e)) from None
@@ -391,7 +396,8 @@ def atomic_paths(paths: list[str | Path], mode: int = 0o666) -> Iterator[list[Pa
             partial.unlink(missing_ok=True)
 
 
-def write_folder(out: str | Path, writers: dict[str, Callable[[Path], None]], field: str = "out") -> None:
+def write_folder(out: str | Path, writers: dict[str, Callable[[Path], None]], field: str = "out",
+                 done: Callable[[], None] | None = None) -> None:
     """Write the files named by `writers` (name -> function writing that file at a path) into
     the folder `out`, all or nothing.
 
@@ -400,6 +406,7 @@ def write_folder(out: str | Path, writers: dict[str, Callable[[Path], None]], fi
     place one by one, the last name last, with Ctrl-C and SIGTERM held back meanwhile, after
     checking that nothing stands in their way. On any failure nothing in `out` has changed and
     no staging folder is left. OutputError (or ArgumentError for `out` itself) names the folder.
+    `done` runs once the files are in place, before a held back Ctrl-C lands (see atomic_path).
     """
     out = Path(out)
     check_output_folder(field, out)
@@ -425,6 +432,8 @@ def write_folder(out: str | Path, writers: dict[str, Callable[[Path], None]], fi
             else:
                 for name in writers:
                     os.replace(staging / name, out / name)
+            if done is not None:
+                done()
     except OSError as e:
         raise OutputError(out, f"cannot write ({os_reason(e)})", os_reason(e)) from None
     finally:
@@ -469,6 +478,39 @@ def remove_empty(folders: list[Path]) -> None:
             return
 
 
+def read_manifest(path: Path, kind: str, field: str = "out") -> dict | None:
+    """A run folder's JSON record of its settings (`kind`: "batch", "eval"), or None when there
+    is none. Anything but a JSON object is an ArgumentError for `field`, the folder."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArgumentError(field, f"{str(path)!r} is not a readable {kind} manifest ({e})") from None
+    if not isinstance(record, dict):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ArgumentError(field, f"{str(path)!r} is not {article} {kind} manifest (holds a {type(record).__name__}, "
+                                   "not an object); remove it or choose another --out")
+    return record
+
+
+def check_same_run(out: Path, previous: dict | None, record: dict, keys: tuple[str, ...], stray: Path | None,
+                   parts: str, manifest: str, keys_are: str = "settings") -> None:
+    """Refuse to mix two runs' `parts` ("shards", "chunks") in the folder `out`: a previous
+    manifest whose `keys` (what they are, for the message: "settings") differ from `record`'s,
+    or a part (`stray`) with no manifest to say which run wrote it. ArgumentError for --out."""
+    if previous is None:
+        if stray is not None:
+            raise ArgumentError("out", f"{str(out)!r} holds {parts} ({str(stray)!r}) but no {manifest} to say which "
+                                       "run wrote them; remove them or choose another --out")
+        return
+    differing = [k for k in keys if previous.get(k) != record[k]]
+    if differing:
+        shown = "; ".join(f"{k}: {previous.get(k)!r} there, {record[k]!r} now" for k in differing[:3])
+        raise ArgumentError("out", f"{str(out)!r} holds a run with other {keys_are} ({shown}); "
+                                   "repeat them to resume it, or choose another --out")
+
+
 # -- the result files -------------------------------------------------------------------------------
 
 RESULT_FILES = ("text_tokens.npy", "text_embedding.npy", "image_embedding.npy", "candidates.npy")
@@ -487,9 +529,10 @@ def result_arrays(result, row: int = 0) -> dict[str, object]:
     }
 
 
-def write_result(out: str | Path, result, row: int = 0, record: dict | None = None) -> None:
+def write_result(out: str | Path, result, row: int = 0, record: dict | None = None,
+                 done: Callable[[], None] | None = None) -> None:
     """Write one prompt's .npy files (and result.json when `record` is given) into `out`, all
-    or nothing (write_folder)."""
+    or nothing (write_folder, which runs `done` once they are in place)."""
     import numpy as np
 
     def saver(array):
@@ -499,4 +542,4 @@ def write_result(out: str | Path, result, row: int = 0, record: dict | None = No
     if record is not None:
         text = json.dumps(record, indent=2) + "\n"
         writers["result.json"] = lambda path: path.write_text(text)
-    write_folder(out, writers)
+    write_folder(out, writers, done=done)

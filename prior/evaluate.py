@@ -40,6 +40,7 @@ import numpy as np
 
 from . import contract
 from .arguments import (
+    add_batch_size_argument,
     add_sampling_arguments,
     check_device,
     folder_path,
@@ -465,33 +466,14 @@ def embed_chunk(model, captions: list[str], first_row: int, setting: Setting, se
 
 
 def read_manifest(out: Path) -> dict | None:
-    path = out / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArgumentError("out", f"{str(path)!r} is not a readable eval manifest ({e})") from None
-    if not isinstance(record, dict):
-        raise ArgumentError("out", f"{str(path)!r} is not an eval manifest (holds a {type(record).__name__}, "
-                                   "not an object); remove it or choose another --out")
-    return record
+    return contract.read_manifest(out / MANIFEST, "eval")
 
 
 def check_manifest(out: Path, previous: dict | None, record: dict) -> None:
     """Refuse to mix two runs' chunks: a manifest for other data, weights or seed, or chunks with
     no manifest to say which run wrote them."""
-    if previous is None:
-        stray = sorted((out / "chunks").glob("*"))[:1]
-        if stray:
-            raise ArgumentError("out", f"{str(out)!r} holds chunks ({str(stray[0])!r}) but no {MANIFEST} to say which "
-                                       "run wrote them; remove them or choose another --out")
-        return
-    differing = [k for k in RESUME_KEYS if previous.get(k) != record[k]]
-    if differing:
-        shown = "; ".join(f"{k}: {previous.get(k)!r} there, {record[k]!r} now" for k in differing[:3])
-        raise ArgumentError("out", f"{str(out)!r} holds a run with other data or settings ({shown}); "
-                                   "repeat them to resume it, or choose another --out")
+    stray = next(iter(sorted((out / "chunks").glob("*"))), None)
+    contract.check_same_run(out, previous, record, RESUME_KEYS, stray, "chunks", MANIFEST, "data or settings")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,8 +573,7 @@ def add_parser(commands) -> None:
                         help=f"the caption column (default: {DEFAULT_CAPTION_COLUMN!r})")
     parser.add_argument("--embedding-column", default=DEFAULT_EMBEDDING_COLUMN,
                         help=f"the embedding column of a .parquet PAIRS (default: {DEFAULT_EMBEDDING_COLUMN!r})")
-    parser.add_argument("--batch-size", type=int_in(1, 65536), default=64,
-                        help="prompts per forward pass (1..65536, default 64)")
+    add_batch_size_argument(parser)
     parser.add_argument("--chunk-size", type=int_in(1, 100_000_000), default=1000,
                         help="rows per saved chunk, the unit of resumption (default 1000)")
     parser.add_argument("--resamples", type=int_in(10, 100_000), default=DEFAULT_RESAMPLES,

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import contract
@@ -63,6 +64,9 @@ def verify(path: str | Path, expected_sha256: str | None = None) -> str:
         expected = contract.required_sha256(path, expected_sha256, published=True)
     except WeightsError as e:
         raise WeightsFileError(str(e)) from None
+    if expected is None:
+        raise WeightsFileError(f"{path}: no {contract.sidecar_path(path).name} sidecar to check it against "
+                               "(convert writes one; or give --sha256 HEX)")
     actual = sha256_of(path)
     if actual != expected:
         from_sidecar = expected_sha256 is None and path.suffix == ".safetensors"
@@ -85,6 +89,22 @@ def download(dest: str | Path | None = None, revision: str = HF_REVISION,
     except BaseException:  # Ctrl-C included: a folder made for nothing is not left behind
         contract.remove_empty(created)
         raise
+
+
+def fetch_default_weights(weights: Path | None) -> None:
+    """With $PRIOR_DOWNLOAD=1 (scripts/embed.sh sets it) and no --weights, download the default
+    weights file when it is missing; otherwise do nothing. Called once the arguments are checked."""
+    if weights is not None or os.environ.get(contract.DOWNLOAD_ENV) != "1":
+        return
+    default = contract.default_weights()
+    if contract.resolve_weights(default).exists() or default.name != contract.WEIGHTS_NAME:
+        return
+    try:
+        download(default.parent)
+    except WeightsFileError as e:
+        raise WeightsFileError(f"{e}; pass --weights FILE, or fetch {contract.WEIGHTS_NAME} (1.35 GB) with "
+                               f"`python -m prior.weights download` where there is a network and copy it to "
+                               f"{default}") from None
 
 
 def _download(dest: Path, revision: str, expected_sha256: str, endpoint: str | None) -> Path:
@@ -189,12 +209,14 @@ def _make_folder(folder: Path) -> list[Path]:
     return created
 
 
-def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = None) -> Path:
+def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = None,
+            done: Callable[[], None] | None = None) -> Path:
     """Write a safetensors copy of `src` (default: beside it, .safetensors) that loads faster,
     creating `dst`'s folder if needed (removed again if the conversion fails).
     dtype "float32" suits CPU inference (no conversion at load); default keeps float16.
     A `dst` that is `src` itself, or not named .safetensors (nothing would read it), is an
-    ArgumentError: the source is never touched."""
+    ArgumentError: the source is never touched. `done` runs once the file and its sidecar are
+    in place, before a held back Ctrl-C lands."""
     src = Path(src)
     dst = src.with_suffix(".safetensors") if dst is None else Path(dst)
     if dst.suffix != ".safetensors":
@@ -209,7 +231,7 @@ def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = 
 
     created = _make_folder(dst.parent)
     try:
-        checkpoint.convert_to_safetensors(src, dst, dtype=getattr(torch, dtype) if dtype else None)
+        checkpoint.convert_to_safetensors(src, dst, dtype=getattr(torch, dtype) if dtype else None, done=done)
     except BaseException as e:  # Ctrl-C included: nothing is left behind, not even the folder
         contract.remove_empty(created)
         if isinstance(e, WeightsError):
@@ -218,7 +240,7 @@ def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = 
     return dst
 
 
-CONVERT_DTYPES = ("float16", "float32")
+CONVERT_DTYPES = ("float16", "float32", "bfloat16")
 
 
 def build_parser(prog: str = "python -m prior.weights") -> argparse.ArgumentParser:
@@ -241,7 +263,8 @@ def build_parser(prog: str = "python -m prior.weights") -> argparse.ArgumentPars
     conv.add_argument("dst", metavar="DST", nargs="?", type=file_path, default=None,
                       help="default: SRC with the suffix .safetensors")
     conv.add_argument("--dtype", choices=CONVERT_DTYPES, default=None,
-                      help="precision to store (default: the source's, float16); float32 loads fastest for CPU inference")
+                      help="precision to store (default: the source's, float16); the one inference runs in loads fastest "
+                           "(float32 or bfloat16 on a CPU)")
     parser.commands = dict(commands.choices)  # each command's parser, for naming flags in errors
     return parser
 
@@ -256,6 +279,12 @@ INTERRUPTED = {  # only a download keeps what it had, to resume from
 def main(argv: list[str] | None = None, prog: str = "python -m prior.weights") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    interrupted = INTERRUPTED[args.command]
+
+    def converted() -> None:  # runs with Ctrl-C held back: one landing now says what is on disk
+        nonlocal interrupted
+        interrupted = "interrupted; the converted file and its sidecar were written"
+
     try:
         with contract.sigterm_as_interrupt():
             if args.command == "download":
@@ -264,7 +293,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m prior.weights") -
             elif args.command == "verify":
                 print(f"{args.path}: OK (SHA-256 {verify(args.path, args.sha256)})")
             else:
-                print(f"wrote {convert(args.src, args.dst, args.dtype)}")
+                print(f"wrote {convert(args.src, args.dst, args.dtype, done=converted)}")
     except ArgumentError as e:
         print(f"{prog} {args.command}: error: {as_flag_message(e, parser.commands[args.command])}", file=sys.stderr)
         return 2
@@ -272,7 +301,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m prior.weights") -
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print(INTERRUPTED[args.command], file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, contract.Terminated) else signal.SIGINT)
     return 0
 

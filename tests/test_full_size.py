@@ -56,6 +56,27 @@ def test_text_tower_matches_oracle(model, oracle, tokens):
     assert_close_relative(ours.embed, F.normalize(raw, dim=-1))
 
 
+def test_text_tower_matches_open_clip(model, full_checkpoint):
+    """A second, independent reference: open-clip's ViT-L-14-quickgelu, its tokenizer and its
+    whole CLIP model loaded strictly from the checkpoint's clip.clip.* tensors."""
+    import open_clip
+
+    from tests.test_tokenizer import CORPUS, SPECIAL_NAMES
+
+    state = torch.load(full_checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    reference = open_clip.create_model("ViT-L-14-quickgelu", pretrained=None)
+    reference.load_state_dict({k.removeprefix("clip.clip."): v.float() for k, v in state.items()
+                               if k.startswith("clip.clip.")}, strict=True)
+    plain = sorted((p for p in CORPUS if not any(name in p.lower() for name in SPECIAL_NAMES)), key=len)
+    prompts = [*PROMPTS, *plain[:: len(plain) // 4], plain[-1]]  # short to over-long (truncated)
+    tokens = open_clip.get_tokenizer("ViT-L-14-quickgelu")(prompts)
+    assert torch.equal(tokens, model.tokenizer(prompts)[0])
+    assert int(tokens.argmax(dim=-1).max()) == 76, "one prompt fills all 77 positions"
+    with torch.no_grad():
+        expected = reference.eval().encode_text(tokens)
+    assert_close_relative(model.text.encode(tokens).raw, expected, tol=1e-5)
+
+
 @pytest.mark.parametrize("conditional", [True, False], ids=["conditional", "unconditional"])
 @torch.no_grad()
 def test_network_pass_matches_oracle(model, oracle, tokens, conditional):

@@ -1,4 +1,5 @@
-"""Our tokenizer against the original's: `clip.tokenize(prompt, truncate=True)` (clip-anytorch).
+"""Our tokenizer against the original's: `clip.tokenize(prompt, truncate=True)` (clip-anytorch), and
+against open-clip's tokenizer, a second independent implementation.
 
 The original predictor tokenized with OpenAI's `clip` package; prior/text.py has its own
 implementation of the same BPE (importing a CLIP package costs seconds of start-up). Details
@@ -126,6 +127,36 @@ def test_tokens_equal_clip_tokenize(ours):
     differing = [(p, tokens[i, :12].tolist(), expected[i, :12].tolist())
                  for i, p in enumerate(CORPUS) if not torch.equal(tokens[i], expected[i])]
     assert not differing, f"{len(differing)} of {len(CORPUS)} prompts tokenize differently, e.g. {differing[:5]}"
+
+
+# The special-token names: clip's, then open-clip's. Each library reads its own pair as the start
+# and end tokens and the other pair as plain text.
+SPECIAL_NAMES = ("<|startoftext|>", "<|endoftext|>", "<start_of_text>", "<end_of_text>")
+
+
+def open_clip_tokens(prompts: list[str]) -> torch.Tensor:
+    """open-clip's tokenizer for ViT-L-14-quickgelu: a second implementation of OpenAI's BPE."""
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-L-14-quickgelu")(prompts)
+
+
+def test_tokens_equal_open_clip(ours):
+    tokens, _ = ours
+    plain = [i for i, p in enumerate(CORPUS) if not any(name in p.lower() for name in SPECIAL_NAMES)]
+    assert len(plain) >= 250, "most of the corpus holds no special-token name"
+    expected = open_clip_tokens([CORPUS[i] for i in plain])
+    differing = [(CORPUS[i], tokens[i, :12].tolist(), expected[j, :12].tolist())
+                 for j, i in enumerate(plain) if not torch.equal(tokens[i], expected[j])]
+    assert not differing, f"{len(differing)} of {len(plain)} prompts tokenize differently, e.g. {differing[:5]}"
+
+
+def test_special_token_names_mean_the_same_ids_in_open_clip():
+    """Where the two libraries part (which names are special), they agree on what the names mean."""
+    ours, _ = Tokenizer()(["a <|startoftext|> b <|ENDOFTEXT|> c", "<end_of_text> x"])
+    theirs = open_clip_tokens(["a <start_of_text> b <END_OF_TEXT> c", "<|endoftext|> x"])
+    assert torch.equal(ours[0], theirs[0])
+    assert not torch.equal(ours[1], theirs[1])  # each reads the other's names as plain text, and they differ
 
 
 def test_truncated_flag_says_whether_clip_tokenize_would_refuse(ours):
