@@ -62,6 +62,7 @@ from bench.common import (
     write_json,
 )
 from prior.diffusion import Schedule, ddpm_sample, exact_schedule
+from tests.oracle import uniform  # noqa: E402  (Prior._denoiser's per-prompt settings)
 
 # The CPU targets.
 TARGET_STEP = 1.3  # float32 per step, no guidance, times the oracle
@@ -187,7 +188,7 @@ class Bench:
         self.log(label)
         oracle_cond = oracle_text_condition(oracle, tokens, 2)
         text = reference.text.encode(tokens)  # the text tower is float32 on every path
-        denoisers = {d: m._denoiser(text.states, text.embed, text.mask, 2, cond_scale, "original")
+        denoisers = {d: m._denoiser(text.states, text.embed, text.mask, *uniform(len(text.states), 2, cond_scale))
                      for d, m in self.models.items()}
         x = torch.randn(batch, reference.config.dim, generator=torch.Generator().manual_seed(batch))
         t = torch.full((batch,), 999, dtype=torch.long)
@@ -198,7 +199,8 @@ class Bench:
                 text_encodings=oracle_cond["text_encodings"], mask=oracle_cond["mask"].clone())
 
         if self.unpacked is not None:
-            denoisers[UNPACKED] = self.unpacked._denoiser(text.states, text.embed, text.mask, 2, cond_scale, "original")
+            denoisers[UNPACKED] = self.unpacked._denoiser(text.states, text.embed, text.mask,
+                                                          *uniform(len(text.states), 2, cond_scale))
         calls = {"oracle": oracle_step, **{d: (lambda f=f: f(x, t, 0)) for d, f in denoisers.items()}}
         timings = time_interleaved(calls, repeats=self.args.repeats)
         self.add_row("step", label, timings["oracle"].best, {d: timings[d].best for d in denoisers},
@@ -219,7 +221,7 @@ class Bench:
         # step-independent tokens once and keep their keys and values.
         def our_condition(model: prior.Prior):
             encoded = model.text.encode(tokens)
-            return model._denoiser(encoded.states, encoded.embed, encoded.mask, 2, cond_scale, "original")
+            return model._denoiser(encoded.states, encoded.embed, encoded.mask, *uniform(len(encoded.states), 2, cond_scale))
 
         one_off = {"oracle": lambda: oracle_text_condition(oracle, tokens, 2),
                    **{d: (lambda m=m: our_condition(m)) for d, m in self.models.items()}}
@@ -288,7 +290,7 @@ class Bench:
         same noise as the oracle after torch.manual_seed(SEED)."""
         model = self.models["float32"]
         text = model.text.encode(tokens)
-        denoise = model._denoiser(text.states, text.embed, text.mask, 2, cond_scale, "original")
+        denoise = model._denoiser(text.states, text.embed, text.mask, *uniform(len(text.states), 2, cond_scale))
         full = exact_schedule(model.schedule_buffers)
         first = Schedule(*(getattr(full, f)[:steps] for f in Schedule.__dataclass_fields__))
         g = torch.Generator().manual_seed(SEED)

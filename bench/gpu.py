@@ -60,6 +60,7 @@ from bench.common import (
     tiny_checkpoint,
     write_json,
 )
+from tests.oracle import uniform  # noqa: E402  (Prior._denoiser's per-prompt settings)
 
 # The GPU targets.
 TARGET_64_STEPS_S = 0.100
@@ -181,7 +182,7 @@ class GpuBench:
         label = f"step, batch {batch}, {'guided (cond_scale 3)' if cond_scale != 1 else 'no guidance'}"
         self.log(label)
         text = reference.text.encode(tokens)
-        denoisers = {d: m._denoiser(text.states, text.embed, text.mask, 2, cond_scale, "original")
+        denoisers = {d: m._denoiser(text.states, text.embed, text.mask, *uniform(len(text.states), 2, cond_scale))
                      for d, m in self.models.items()}
         g = torch.Generator(self.device).manual_seed(batch)
         x = torch.randn(batch, reference.config.dim, device=self.device, generator=g)
@@ -198,7 +199,7 @@ class GpuBench:
         for dtype in ("float16", "bfloat16"):
             calls[dtype] = lambda f=denoisers[dtype]: f(x, t, 1)
         if self.eager is not None:
-            eager = self.eager._denoiser(text.states, text.embed, text.mask, 2, cond_scale, "original")
+            eager = self.eager._denoiser(text.states, text.embed, text.mask, *uniform(len(text.states), 2, cond_scale))
             calls["float16_eager"] = lambda: eager(x, t, 1)
         elif self.device.type == "cuda":  # an engine without CUDA graphs of its own: what capturing would give
             try:

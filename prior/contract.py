@@ -164,8 +164,10 @@ _INVISIBLE = re.compile(f"[{INVISIBLE}]*")
 
 def check_prompt(field: str, value: object) -> str:
     """Text holding at least one visible character (PROMPT_PATTERN). Any length: a long prompt
-    costs a scan of its leading whitespace and invisible characters."""
-    if not isinstance(value, str) or _INVISIBLE.fullmatch(value.strip()):  # strip: fast in C, before the regex
+    costs a scan of its leading whitespace and invisible characters, a piece at a time (no copy
+    of the whole text; str.isspace in C before the regex)."""
+    if not isinstance(value, str) or not any(not piece.isspace() and not _INVISIBLE.fullmatch(piece)
+                                             for piece in (value[i : i + 65_536] for i in range(0, len(value), 65_536))):
         raise ArgumentError(field, f"must be non-empty text (not only whitespace or invisible characters), got {shown(value)}")
     return value
 

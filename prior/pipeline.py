@@ -232,7 +232,8 @@ class Prior:
         tokens, truncated = self.tokenizer([r.prompt for r in requests])
         tokens = tokens.to(self.device)
         text = self.text.encode(tokens)
-        denoise = self._denoiser(text.states, text.embed, text.mask, requests)
+        denoise = self._denoiser(text.states, text.embed, text.mask, counts, [r.cond_scale for r in requests],
+                                 [r.guidance for r in requests])
         schedule = make_schedule(self.schedule_buffers, steps, sampler)
 
         generators = [torch.Generator(device=self.device).manual_seed(r.seed) for r in requests]
@@ -255,17 +256,20 @@ class Prior:
         return _Sampled(tokens.cpu().numpy().astype(np.int64), truncated, text.raw.float().cpu().numpy(),
                         images, scores, chosen)
 
-    def _denoiser(self, states, text_embed, mask, requests: Sequence[Request]):
-        """denoise(x_t, t, i) -> x_0 for every request's rows, guidance included, conditions
-        built once. Only rows whose cond_scale is not 1 get an unconditional pass (0.11.5 skips
-        it at 1); their guidance mode decides what their conditional pass sees after step 0."""
+    def _denoiser(self, states, text_embed, mask, candidates: Sequence[int], cond_scales: Sequence[float],
+                  guidances: Sequence[str]):
+        """denoise(x_t, t, i) -> x_0 for B prompts' rows (prompt i: candidates[i] consecutive rows,
+        its own cond_scale and guidance), guidance included, conditions built once. Only prompts
+        whose cond_scale is not 1 get an unconditional pass (0.11.5 skips it at 1); their guidance
+        mode decides what their conditional pass sees after step 0."""
         net, dtype, device = self.network, self.dtype, self.device
         states, text_embed = states.to(dtype), text_embed.to(dtype)
-        counts = torch.tensor([r.candidates for r in requests], device=device)
-        guided = torch.tensor([r.cond_scale != 1 for r in requests], device=device)  # per prompt
+        counts = torch.tensor(candidates, device=device)
+        guided = torch.tensor([s != 1 for s in cond_scales], device=device)  # per prompt
         # "original": the first unconditional pass zeroes these prompts' text mask for good
-        quirk = torch.tensor([r.cond_scale != 1 and r.guidance == "original" for r in requests], device=device)
-        yes = torch.ones(len(requests), dtype=torch.bool, device=device)
+        quirk = torch.tensor([s != 1 and g == "original" for s, g in zip(cond_scales, guidances, strict=True)],
+                             device=device)
+        yes = torch.ones(len(candidates), dtype=torch.bool, device=device)
 
         def condition(rows: torch.Tensor, text_mask: torch.Tensor, keep: torch.Tensor) -> Condition:
             """The condition of the prompts selected by `rows`, each repeated once per candidate."""
@@ -284,7 +288,7 @@ class Prior:
         later = Condition.cat([condition(yes, mask & ~quirk[:, None], yes), null]) if quirk.any() else first
         every_row = bool(guided.all())
         rows = guided.repeat_interleave(counts)  # (R,) the x rows that are guided
-        scale = torch.tensor([r.cond_scale for r in requests], device=device).repeat_interleave(counts)[rows][:, None]
+        scale = torch.tensor(cond_scales, device=device).repeat_interleave(counts)[rows][:, None]
 
         def guided_denoise(x, t, i):
             xg, tg = (x, t) if every_row else (x[rows], t[rows])

@@ -166,3 +166,8 @@ def oracle_text(oracle, tokens: torch.Tensor):
 
 def shape_dict(shape: OracleShape) -> dict:
     return asdict(shape)
+
+
+def uniform(prompts: int, candidates: int, cond_scale: float, guidance: str = "original") -> tuple[list, list, list]:
+    """Prior._denoiser's per-prompt settings when every prompt has the same ones."""
+    return [candidates] * prompts, [cond_scale] * prompts, [guidance] * prompts

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import prior
 from prior.diffusion import Schedule, ddpm_sample, make_schedule
 from tests.compare import assert_close_relative, assert_text_features_match
-from tests.oracle import FULL, load_oracle, oracle_text
+from tests.oracle import FULL, load_oracle, oracle_text, uniform
 
 PROMPTS = ["5!$ wow !% a lighthouse at dusk", "an astronaut riding a horse, oil on canvas"]
 TIMESTEPS = [999, 500, 1, 0]
@@ -123,7 +123,7 @@ def test_first_five_steps_match_oracle(model, oracle, tokens, cond_scale, monkey
 
     # ours, with the denoiser Prior.embed builds and the exact schedule cut to its first steps
     text = model.text.encode(one_prompt)
-    guided_denoise = model._denoiser(text.states, text.embed, text.mask, candidates, cond_scale, "original")
+    guided_denoise = model._denoiser(text.states, text.embed, text.mask, *uniform(len(text.states), candidates, cond_scale))
     predictions = []
 
     def denoise(x, t, i):
