@@ -12,6 +12,13 @@ needs, renamed to our modules' names. Any problem is a `WeightsError` naming the
 `convert_to_safetensors` writes the tensors inference needs (no visual tower), under the
 same names, to a .safetensors file with a SHA-256 sidecar: no pickle at all, memory-mapped
 on load, about 60% of the original's size. `read_checkpoint` reads either format.
+
+A dalle2-pytorch trainer file (`DiffusionPriorTrainer.save`: the EMA network and the online one
+as state dicts, the optimizer's and scaler's state, the package version) is read too: one of its
+two networks (`ema_model` by default, or `model`) is taken as the state dict above. Its
+version is a `packaging.version.Version`, the one object in it that is not a tensor or a
+plain Python value: it is unpickled into an inert stand-in of ours (`SavedVersion`), and any
+other object is refused, as in every file.
 """
 
 from __future__ import annotations
@@ -87,14 +94,21 @@ class Weights:
     schedule: dict[str, torch.Tensor]  # noise_scheduler buffers, by short name
     path: Path
     sha256: str | None
+    trainer_entry: str | None = None  # the network read from a trainer file; None: a plain state dict
+    saved_by: str | None = None  # the dalle2-pytorch version a trainer file records
 
 
-def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Weights:
-    """Load, check and split a prior_ema_fp16.pth-format file, or its converted .safetensors.
+def read_checkpoint(path: str | Path, expected_sha256: str | None = None, trainer_entry: str | None = None) -> Weights:
+    """Load, check and split a prior_ema_fp16.pth-format file, a dalle2-pytorch trainer file
+    holding one, or a converted .safetensors of either.
 
     A .safetensors file is checked against its `.sha256` sidecar when no hash is given.
+    `trainer_entry` picks the network of a trainer file (contract.TRAINER_ENTRIES; None: the
+    EMA one); asked of a file that is not a trainer file (or its conversion), it is an error.
     Raises WeightsError.
     """
+    if trainer_entry is not None:
+        contract.check_choice("trainer_entry", trainer_entry, contract.TRAINER_ENTRIES)
     path = Path(path)
     if not path.is_file():
         raise WeightsError(path, "file not found" if not path.exists() else "not a regular file")
@@ -117,7 +131,7 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Wei
             _remember_verified(path, sha256)
     if path.suffix != ".safetensors" and expected_sha256 is None:
         _check_zip_checksums(path)
-    state = _safetensors_load(path) if path.suffix == ".safetensors" else _torch_load(path)
+    state, trainer_entry, saved_by = _load_state(path, trainer_entry)
     prior_config, prior_state = _split_prior(path, state)
     text_config, text_state = _split_text(path, state, prior_config.dim)
     schedule = _split_schedule(path, state, prior_config.num_timesteps)
@@ -130,7 +144,96 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Wei
         _check_storage(path, name, tensor)
         if not converted and not torch.isfinite(tensor).all():
             raise WeightsError(path, f"tensor {name!r} contains NaN or Inf")
-    return Weights(prior_config, text_config, prior_state, text_state, schedule, path, sha256)
+    return Weights(prior_config, text_config, prior_state, text_state, schedule, path, sha256, trainer_entry, saved_by)
+
+
+def _load_state(path: Path, trainer_entry: str | None) -> tuple[dict[str, torch.Tensor], str | None, str | None]:
+    """The file's flat state dict, the trainer entry it came from and the version that saved it."""
+    if path.suffix == ".safetensors":
+        metadata = contract.safetensors_metadata(path) or {}
+        recorded = metadata.get("trainer_entry")  # a converted file holds one network: any other asked for is an error
+        if trainer_entry is not None and trainer_entry != recorded:
+            held = f"trainer entry {recorded!r}" if recorded else "a plain state dict, not a trainer file"
+            raise WeightsError(path, f"converted from {held}; asked for {trainer_entry!r}")
+        return _safetensors_load(path), metadata.get("trainer_entry"), metadata.get("saved_by")
+    return _pick_state(path, _torch_load(path), trainer_entry)
+
+
+def _is_state_dict(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _pick_state(path: Path, loaded: object, trainer_entry: str | None) -> tuple[dict, str | None, str | None]:
+    """A flat state dict as it is; a trainer file's `trainer_entry` network (default the EMA one)."""
+    trainer = isinstance(loaded, dict) and any(_is_state_dict(loaded.get(e)) for e in contract.TRAINER_ENTRIES)
+    if not trainer:
+        if not _is_state_dict(loaded):
+            raise WeightsError(path, "not a state_dict (expected a flat mapping of names to tensors, "
+                                     "or a dalle2-pytorch trainer file)")
+        if trainer_entry is not None:
+            raise WeightsError(path, f"not a trainer file (a plain state dict), so it has no {trainer_entry!r} entry")
+        state, saved_by = loaded, None
+    else:
+        trainer_entry = trainer_entry or contract.DEFAULT_TRAINER_ENTRY
+        state = loaded.get(trainer_entry)
+        if not _is_state_dict(state):
+            held = ", ".join(repr(k) for k in loaded if _is_state_dict(loaded[k]))
+            raise WeightsError(path, f"trainer file has no {trainer_entry!r} state dict (it holds {held})")
+        version = loaded.get("version")
+        saved_by = str(version) if isinstance(version, SavedVersion | str) else None
+    if not any(isinstance(k, str) and k.startswith("net.") for k in state):
+        where = f"its {trainer_entry!r} entry is " if trainer_entry else ""
+        raise WeightsError(path, f"{where}not a dalle2-pytorch DiffusionPrior state_dict (no 'net.*' tensors)")
+    return state, trainer_entry, saved_by
+
+
+class SavedVersion:
+    """What a trainer file's `packaging.version.Version` is unpickled into: its parts, no code.
+
+    packaging before 26.1 pickles the object's __dict__ (`_version`, a named tuple of the parts,
+    and `_key`, a comparison key holding packaging's Infinity markers); 26.2 and later a tuple
+    (epoch, release, pre, post, dev, local). Both are accepted; only the parts are kept."""
+
+    parts: tuple = (0, (), None, None, None, None)
+
+    def __setstate__(self, state) -> None:
+        if isinstance(state, dict) and isinstance(state.get("_version"), tuple):
+            version = state["_version"]  # (epoch, release, dev, pre, post, local)
+            self.parts = (version[0], version[1], version[3], version[4], version[2], version[5])
+        elif isinstance(state, tuple) and len(state) == 6:
+            self.parts = state
+        elif isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # __slots__ state
+            self.__setstate__(state[1])
+
+    def __str__(self) -> str:
+        epoch, release, pre, post, dev, local = self.parts
+        text = (f"{epoch}!" if epoch else "") + ".".join(str(n) for n in release or ())
+        text += "".join(str(p) for p in pre) if pre else ""
+        text += f".post{post[-1]}" if post else ""
+        text += f".dev{dev[-1]}" if dev else ""
+        text += "+" + ".".join(str(p) for p in local) if local else ""
+        return text or "unknown"
+
+
+class _VersionParts(tuple):
+    """packaging.version._Version, the named tuple of the parts (packaging before 26.1)."""
+
+    def __new__(cls, *parts):
+        return tuple.__new__(cls, parts)
+
+
+class _Infinity:
+    """packaging._structures.InfinityType / NegativeInfinityType: markers in an old comparison key."""
+
+
+# The only objects, besides tensors and plain Python values, that a file may hold, under the
+# names the pickle gives them, each mapped to an inert class of ours.
+ALLOWED_GLOBALS = [
+    (SavedVersion, "packaging.version.Version"),
+    (_VersionParts, "packaging.version._Version"),
+    (_Infinity, "packaging._structures.InfinityType"),
+    (_Infinity, "packaging._structures.NegativeInfinityType"),
+]
 
 
 WEIGHT_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
@@ -175,7 +278,8 @@ def _remember_verified(path: Path, sha256: str) -> None:
 
 
 def convert_to_safetensors(
-    src: str | Path, dst: str | Path | None = None, expected_sha256: str | None = None, dtype: torch.dtype | None = None
+    src: str | Path, dst: str | Path | None = None, expected_sha256: str | None = None, dtype: torch.dtype | None = None,
+    trainer_entry: str | None = None,
 ) -> Path:
     """Write what inference needs from `src` to `dst` (default: src with .safetensors), plus
     `dst.sha256`. The source is fully checked first; `dst` appears only when complete.
@@ -184,14 +288,17 @@ def convert_to_safetensors(
     float16). Stored in the precision they run in (float32 on a CPU), they are used straight
     from the memory map, with no conversion at load. The schedule buffers keep the file's
     fp16-rounded values either way (float32 holds them exactly).
+
+    From a trainer file, `trainer_entry` (default the EMA network) is what is kept; the file is
+    memory-mapped, so its other entries (the online network, the optimizer's state) are never read.
     """
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_suffix(".safetensors")
-    weights = read_checkpoint(src, expected_sha256)  # every check, before anything is written
-    state = _torch_load(src)
+    weights = read_checkpoint(src, expected_sha256, trainer_entry)  # every check, before anything is written
+    state, _, _ = _load_state(src, weights.trainer_entry)
     text_keys = {f"clip.clip.{k}" for k in weights.text_state}
-    kept = {k: v.clone().contiguous() for k, v in state.items()
-            if k.startswith(("net.", "noise_scheduler.")) or k in text_keys}
+    # Still the memory-mapped tensors: they are read from the file only as they are written out.
+    kept = {k: v for k, v in state.items() if k.startswith(("net.", "noise_scheduler.")) or k in text_keys}
     if dtype is not None:
         kept = {k: v.to(dtype) if v.is_floating_point() and not k.startswith("noise_scheduler.") else v
                 for k, v in kept.items()}
@@ -199,6 +306,8 @@ def convert_to_safetensors(
     metadata = {"format": contract.CONVERTED_FORMAT, "source": src.name,
                 "source_sha256": weights.sha256 or sha256_of(src),
                 "source_size": str(source.st_size), "source_mtime_ns": str(source.st_mtime_ns)}
+    if weights.trainer_entry is not None:
+        metadata.update(trainer_entry=weights.trainer_entry, saved_by=weights.saved_by or "unknown")
     _write_converted(kept, metadata, dst)
     return dst
 
@@ -306,11 +415,13 @@ def _preview(head: bytes) -> str:
     return f"; it starts with {line!r}" if line.isprintable() else ""
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+def _torch_load(path: Path) -> object:
+    """torch.load with weights_only (tensors and plain values, never code) and ALLOWED_GLOBALS,
+    memory-mapped where torch allows (zip files): only the tensors used are read from disk."""
     _check_torch_format(path)
     try:
-        with warnings.catch_warnings():  # torch warns on old-format files; the error below says it all
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            warnings.simplefilter("ignore")  # torch warns on old-format files; the error below says it all
             try:  # memory-mapped: the visual tower we drop is never read from disk
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
@@ -322,15 +433,14 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = next((line for line in lines if "GLOBAL" in line or "Unsupported operand" in line), lines[0] if lines else "")
         if "GLOBAL" in detail:  # a pickled callable: code that weights_only refused to run
-            raise WeightsError(path, f"refused: the file holds pickled code, not only tensors ({detail})") from None
+            named = re.search(r"GLOBAL (\S+)", detail)
+            what = f"'{named.group(1)}'" if named else f"({detail})"
+            raise WeightsError(path, f"refused: the file holds pickled code, not only tensors: the global {what} "
+                                     "is not one a weights file may hold (nothing was run)") from None
         raise WeightsError(path, f"not a PyTorch checkpoint, or truncated or corrupted ({detail})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, TypeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(path, f"not a readable PyTorch checkpoint, truncated or corrupted ({first_line})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(path, "not a state_dict (expected a flat mapping of names to tensors)")
-    if not any(isinstance(k, str) and k.startswith("net.") for k in state):
-        raise WeightsError(path, "not a dalle2-pytorch DiffusionPrior state_dict (no 'net.*' tensors)")
     return state
 
 

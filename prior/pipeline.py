@@ -66,6 +66,7 @@ class Prior:
         self.device, self.dtype = device, dtype
         self.config, self.text_config = weights.prior_config, weights.text_config
         self.weights_path, self.weights_sha256 = weights.path, weights.sha256
+        self.trainer_entry, self.saved_by = weights.trainer_entry, weights.saved_by  # of a trainer file
         self.tokenizer = Tokenizer(self.text_config.context_length)
         # On a CPU the linear weights are converted to `dtype` as they are packed (below), one layer
         # at a time; converting the whole network first would write a second 1 GB copy.
@@ -201,20 +202,24 @@ def load(
     expected_sha256: str | None = None,
     cuda_graphs: bool = True,
     packed_weights: bool = True,
+    trainer_entry: str | None = None,
 ) -> Prior:
     """Load a prior_ema_fp16.pth-format file or its converted .safetensors (None: the default
     weights, contract.default_weights(); a .pth with a fresh conversion beside it loads that,
     contract.resolve_weights). Defaults: cuda if present, else cpu; float16 on cuda (the
     original ran under fp16 autocast), float32 on cpu. `cuda_graphs` replays each step as a
     captured CUDA graph; `packed_weights` runs the network's matmuls on weights prepacked for
-    oneDNN on a CPU. Raises WeightsError for a bad file, ArgumentError for a bad argument
-    (before reading anything)."""
+    oneDNN on a CPU. `trainer_entry` picks the network of a dalle2-pytorch trainer file
+    (contract.TRAINER_ENTRIES; default its EMA network). Raises WeightsError for a bad file,
+    ArgumentError for a bad argument (before reading anything)."""
     started = time.perf_counter()
     device = _device(device)
     dtype = _dtype(dtype, device)
     expected_sha256 = contract.check_sha256("expected_sha256", expected_sha256)
-    path = contract.resolve_weights(weights, expected_sha256)
-    prior = Prior(read_checkpoint(path, expected_sha256), device, dtype, cuda_graphs, packed_weights)
+    if trainer_entry is not None:
+        contract.check_choice("trainer_entry", trainer_entry, contract.TRAINER_ENTRIES)
+    path = contract.resolve_weights(weights, expected_sha256, trainer_entry)
+    prior = Prior(read_checkpoint(path, expected_sha256, trainer_entry), device, dtype, cuda_graphs, packed_weights)
     prior.load_seconds = time.perf_counter() - started
     return prior
 

@@ -26,7 +26,14 @@ import sys
 from pathlib import Path
 
 from . import contract
-from .arguments import OneLineParser, as_flag_message, file_path, folder_path, sha256_argument
+from .arguments import (
+    OneLineParser,
+    add_trainer_entry_argument,
+    as_flag_message,
+    file_path,
+    folder_path,
+    sha256_argument,
+)
 from .contract import PRIOR_EMA_FP16_SHA256, ArgumentError, PriorError, WeightsError, sha256_of
 
 HF_REPO = "laion/DALLE2-PyTorch"
@@ -189,12 +196,14 @@ def _make_folder(folder: Path) -> list[Path]:
     return created
 
 
-def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = None) -> Path:
+def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = None,
+            trainer_entry: str | None = None) -> Path:
     """Write a safetensors copy of `src` (default: beside it, .safetensors) that loads faster,
     creating `dst`'s folder if needed (removed again if the conversion fails).
     dtype "float32" suits CPU inference (no conversion at load); default keeps float16.
     A `dst` that is `src` itself, or not named .safetensors (nothing would read it), is an
-    ArgumentError: the source is never touched."""
+    ArgumentError: the source is never touched. From a dalle2-pytorch trainer file, the network
+    `trainer_entry` names is converted (default its EMA network)."""
     src = Path(src)
     dst = src.with_suffix(".safetensors") if dst is None else Path(dst)
     if dst.suffix != ".safetensors":
@@ -203,13 +212,16 @@ def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = 
         raise ArgumentError("dst", f"must differ from SRC, got {repr(str(dst))} (it would overwrite the source)")
     if dtype is not None:
         contract.check_choice("dtype", dtype, CONVERT_DTYPES)
+    if trainer_entry is not None:
+        contract.check_choice("trainer_entry", trainer_entry, contract.TRAINER_ENTRIES)
     import torch
 
     from . import checkpoint
 
     created = _make_folder(dst.parent)
     try:
-        checkpoint.convert_to_safetensors(src, dst, dtype=getattr(torch, dtype) if dtype else None)
+        checkpoint.convert_to_safetensors(src, dst, dtype=getattr(torch, dtype) if dtype else None,
+                                          trainer_entry=trainer_entry)
     except BaseException as e:  # Ctrl-C included: nothing is left behind, not even the folder
         contract.remove_empty(created)
         if isinstance(e, WeightsError):
@@ -242,6 +254,7 @@ def build_parser(prog: str = "python -m prior.weights") -> argparse.ArgumentPars
                       help="default: SRC with the suffix .safetensors")
     conv.add_argument("--dtype", choices=CONVERT_DTYPES, default=None,
                       help="precision to store (default: the source's, float16); float32 loads fastest for CPU inference")
+    add_trainer_entry_argument(conv)
     parser.commands = dict(commands.choices)  # each command's parser, for naming flags in errors
     return parser
 
@@ -264,7 +277,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m prior.weights") -
             elif args.command == "verify":
                 print(f"{args.path}: OK (SHA-256 {verify(args.path, args.sha256)})")
             else:
-                print(f"wrote {convert(args.src, args.dst, args.dtype)}")
+                print(f"wrote {convert(args.src, args.dst, args.dtype, args.trainer_entry)}")
     except ArgumentError as e:
         print(f"{prog} {args.command}: error: {as_flag_message(e, parser.commands[args.command])}", file=sys.stderr)
         return 2
