@@ -28,7 +28,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -77,6 +77,34 @@ _LAYER_KEYS = {
     "1.3.beta": "ff.inner_norm.bias",
     "1.5.weight": "ff.proj_out.weight",
 }
+# The later layout (dalle2-pytorch 0.23.1-1.8.x): LayerNorms hold a gain `g` only, and the
+# learned padding of the text positions is one more tensor.
+_LATER_NET_KEYS = {
+    "learned_query": "learned_query",
+    "null_text_embed": "null_text_embed",
+    "to_time_embeds.0.weight": "time_embed.weight",
+    "causal_transformer.rel_pos_bias.relative_attention_bias.weight": "rel_pos_bias.weight",
+    "causal_transformer.norm.g": "norm_out.weight",
+    "causal_transformer.project_out.weight": "project_out.weight",
+}
+_LATER_LAYER_KEYS = {
+    "0.null_kv": "attn.null_kv",
+    "0.norm.g": "attn.norm.weight",
+    "0.to_q.weight": "attn.to_q.weight",
+    "0.to_kv.weight": "attn.to_kv.weight",
+    "0.to_out.0.weight": "attn.to_out.weight",
+    "0.to_out.1.g": "attn.out_norm.weight",
+    "1.0.g": "ff.norm.weight",
+    "1.1.weight": "ff.proj_in.weight",
+    "1.3.g": "ff.inner_norm.weight",
+    "1.5.weight": "ff.proj_out.weight",
+}
+_KEY_MAPS = {contract.LAYOUT_0_11_5: (_NET_KEYS, _LAYER_KEYS), contract.LAYOUT_LATER: (_LATER_NET_KEYS, _LATER_LAYER_KEYS)}
+# Keys that dalle2-pytorch 1.9.0 introduced (null embeddings for the text embedding and the image).
+_KEYS_SINCE_1_9 = ("null_text_encodings", "null_text_embeds", "null_image_embed")
+PB_RELAX_ALPHA = 128  # the later layout's attention: logits / 128, + bias, then * 128
+COSINE_SIM_SINCE = (1, 4, 3)  # dalle2-pytorch's attention became cosine-similarity attention here
+LATER_SINCE = (0, 23, 1)  # the first version whose network is the later layout's as read here
 _LAYER_RE = re.compile(r"causal_transformer\.layers\.(\d+)\.(.+)")
 _ROTARY_SUFFIX = "0.rotary_emb.freqs"  # one shared module, stored once per layer
 
@@ -96,6 +124,8 @@ class Weights:
     sha256: str | None
     trainer_entry: str | None = None  # the network read from a trainer file; None: a plain state dict
     saved_by: str | None = None  # the dalle2-pytorch version a trainer file records
+    layout: str = contract.LAYOUT_0_11_5  # contract.LAYOUTS
+    cond_drop_prob: float | None = None  # the later layout's, from its prior_config.json (None: not known)
 
 
 def read_checkpoint(path: str | Path, expected_sha256: str | None = None, trainer_entry: str | None = None) -> Weights:
@@ -132,19 +162,102 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None, traine
     if path.suffix != ".safetensors" and expected_sha256 is None:
         _check_zip_checksums(path)
     state, trainer_entry, saved_by = _load_state(path, trainer_entry)
-    prior_config, prior_state = _split_prior(path, state)
+    layout = _layout_of(path, state, saved_by)
+    prior_config, prior_state = _split_prior(path, state, layout)
+    cond_drop_prob = _later_config(path, prior_config) if layout == contract.LAYOUT_LATER else None
     text_config, text_state = _split_text(path, state, prior_config.dim)
     schedule = _split_schedule(path, state, prior_config.num_timesteps)
     stray = next((k for k in state if not k.startswith(_TOP_LEVEL)), None)
     if stray is not None:
-        raise WeightsError(path, f"unexpected tensor {stray!r} (not a dalle2-pytorch 0.11.5 DiffusionPrior layout)")
-    tensors = [*((f"net.{_file_key(k)}", v) for k, v in prior_state.items()),
+        raise WeightsError(path, f"unexpected tensor {stray!r} (not a {layout} DiffusionPrior layout)")
+    tensors = [*((f"net.{_file_key(k, layout)}", v) for k, v in prior_state.items()),
                *((f"clip.clip.{k}", v) for k, v in text_state.items())]
     for name, tensor in tensors:  # named as in the file; the schedule is checked in _split_schedule
         _check_storage(path, name, tensor)
         if not converted and not torch.isfinite(tensor).all():
             raise WeightsError(path, f"tensor {name!r} contains NaN or Inf")
-    return Weights(prior_config, text_config, prior_state, text_state, schedule, path, sha256, trainer_entry, saved_by)
+    return Weights(prior_config, text_config, prior_state, text_state, schedule, path, sha256, trainer_entry, saved_by,
+                   layout, cond_drop_prob)
+
+
+def _version_tuple(text: str | None) -> tuple[int, ...] | None:
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", text or "")
+    return tuple(int(n) for n in match.groups()) if match else None
+
+
+def _layout_of(path: Path, state: dict, saved_by: str | None) -> str:
+    """Which network the tensors are, from their names: the later layout has LayerNorm gains
+    `g` and a learned `null_text_embed`; a version we cannot reproduce is refused, naming it."""
+    net = {k[4:] for k in state if k.startswith("net.")}
+    since_1_9 = [k for k in _KEYS_SINCE_1_9 if k in net]
+    if since_1_9:
+        raise WeightsError(path, f"made by dalle2-pytorch 1.9.0 or later ('net.{since_1_9[0]}'): its learned null "
+                                 "embeddings change the network; only the 0.11.5 and 0.23.1-1.4.2 networks are read")
+    if not ("causal_transformer.norm.g" in net and "null_text_embed" in net):
+        return contract.LAYOUT_0_11_5
+    version = _version_tuple(saved_by)  # known for a trainer file only: a plain state dict does not say
+    if version is not None and version >= COSINE_SIM_SINCE:
+        raise WeightsError(path, f"made by dalle2-pytorch {saved_by}: from 1.4.3 on its attention is cosine-similarity "
+                                 "attention under the same tensor names, which is not reproduced (0.23.1-1.4.2 are)")
+    if version is not None and version < LATER_SINCE:
+        raise WeightsError(path, f"made by dalle2-pytorch {saved_by}: before 0.23.1 its network applied a text mask "
+                                 "under the same tensor names, which is not reproduced (0.23.1-1.4.2 are)")
+    return contract.LAYOUT_LATER
+
+
+# What a later-layout prior_config.json may say, beyond the sizes checked against the tensors:
+# options of dalle2-pytorch's DiffusionPrior(Network) whose values other than these are not reproduced.
+_LATER_CONFIG_FIXED = {
+    "net.num_time_embeds": 1, "net.num_image_embeds": 1, "net.num_text_embeds": 1, "net.norm_in": False,
+    "net.norm_out": True, "net.final_proj": True, "net.normformer": True, "net.rotary_emb": True,
+    "condition_on_text_encodings": True, "predict_x_start": True, "beta_schedule": "cosine",
+    "sampling_clamp_l2norm": False, "sampling_final_clamp_l2norm": False, "init_image_embed_l2norm": False,
+    "image_embed_scale": None,
+}
+
+
+def _later_config(path: Path, cfg: PriorConfig) -> float:
+    """The later layout's cond_drop_prob (dalle2-pytorch's default 0 when nothing says), from a
+    converted file's metadata or the prior_config.json beside the file, whose sizes must agree
+    with the tensors'."""
+    if path.suffix == ".safetensors":
+        recorded = (contract.safetensors_metadata(path) or {}).get("cond_drop_prob")
+        if recorded is not None:
+            return float(recorded)
+    config_path = path.with_name(contract.LATER_CONFIG_NAME)
+    if not config_path.is_file():
+        return 0.0
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(config_path, f"not a readable JSON file ({str(e).splitlines()[0] if str(e) else e})") from None
+    prior = config.get("prior", config) if isinstance(config, dict) else None
+    if not isinstance(prior, dict) or not isinstance(prior.get("net"), dict):
+        raise WeightsError(config_path, "no 'prior.net' section (not a dalle2-pytorch diffusion prior config)")
+    net = prior["net"]
+    sizes = {  # name in the config: (its value, dalle2-pytorch's default, what the tensors say)
+        "net.dim": (net.get("dim"), None, cfg.dim),
+        "net.depth": (net.get("depth"), None, cfg.depth),
+        "net.heads": (net.get("heads"), 8, cfg.heads),
+        "net.dim_head": (net.get("dim_head"), 64, cfg.dim_head),
+        "net.ff_mult": (net.get("ff_mult"), 4, cfg.ff_inner / cfg.dim),
+        "net.max_text_len": (net.get("max_text_len"), 256, cfg.text_len),
+        "net.num_timesteps": (net.get("num_timesteps"), cfg.num_timesteps, cfg.num_timesteps),
+        "timesteps": (prior.get("timesteps"), 1000, cfg.num_timesteps),
+        "image_embed_dim": (prior.get("image_embed_dim"), cfg.dim, cfg.dim),
+    }
+    for name, (value, default, actual) in sizes.items():
+        value = default if value is None else value
+        if value != actual:
+            raise WeightsError(config_path, f"{name} is {value!r}, but the tensors of {path.name} say {actual:g}")
+    for name, fixed in _LATER_CONFIG_FIXED.items():
+        section, key = (net, name[4:]) if name.startswith("net.") else (prior, name)
+        if section.get(key, fixed) != fixed:
+            raise WeightsError(config_path, f"{name} is {section[key]!r}; only {fixed!r} is reproduced")
+    drop = prior.get("cond_drop_prob", 0.0)
+    if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop <= 1:
+        raise WeightsError(config_path, f"cond_drop_prob must be a number from 0 to 1, got {drop!r}")
+    return float(drop)
 
 
 def _load_state(path: Path, trainer_entry: str | None) -> tuple[dict[str, torch.Tensor], str | None, str | None]:
@@ -308,6 +421,8 @@ def convert_to_safetensors(
                 "source_size": str(source.st_size), "source_mtime_ns": str(source.st_mtime_ns)}
     if weights.trainer_entry is not None:
         metadata.update(trainer_entry=weights.trainer_entry, saved_by=weights.saved_by or "unknown")
+    if weights.cond_drop_prob is not None:  # the later layout's, from its prior_config.json
+        metadata["cond_drop_prob"] = repr(weights.cond_drop_prob)
     _write_converted(kept, metadata, dst)
     return dst
 
@@ -444,17 +559,19 @@ def _torch_load(path: Path) -> object:
     return state
 
 
-def _need(path: Path, state: dict, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+def _need(path: Path, state: dict, key: str, shape: tuple[int, ...] | None = None,
+          layout: str = contract.LAYOUT_0_11_5) -> torch.Tensor:
     if key not in state:
-        raise WeightsError(path, f"missing tensor {key!r} (not a dalle2-pytorch 0.11.5 prior layout)")
+        raise WeightsError(path, f"missing tensor {key!r} (not a {layout} prior layout)")
     tensor = state[key]
     if shape is not None and tuple(tensor.shape) != shape:
         raise WeightsError(path, f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape}")
     return tensor
 
 
-def _split_prior(path: Path, state: dict) -> tuple[PriorConfig, dict[str, torch.Tensor]]:
+def _split_prior(path: Path, state: dict, layout: str = contract.LAYOUT_0_11_5) -> tuple[PriorConfig, dict[str, torch.Tensor]]:
     net = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    net_keys, layer_keys = _KEY_MAPS[layout]
     layers = sorted({int(m.group(1)) for k in net if (m := _LAYER_RE.fullmatch(k))})
     if not layers:
         raise WeightsError(path, "no prior transformer layers ('net.causal_transformer.layers.*' tensors)")
@@ -472,6 +589,13 @@ def _split_prior(path: Path, state: dict) -> tuple[PriorConfig, dict[str, torch.
     cfg = PriorConfig(dim=dim, depth=len(layers), heads=q_rows // dim_head, dim_head=dim_head,
                       ff_inner=ff_inner, num_timesteps=num_timesteps, rotary_dim=2 * freqs.shape[0],
                       rel_pos_buckets=buckets)
+    if layout == contract.LAYOUT_LATER:
+        null_text = _need(path, net, "null_text_embed", layout=layout)
+        if null_text.dim() != 3 or null_text.shape[0] != 1 or null_text.shape[1] < 1:
+            raise WeightsError(path, f"tensor 'net.null_text_embed' has shape {tuple(null_text.shape)}, "
+                                     f"expected (1, max_text_len, {dim})")
+        cfg = replace(cfg, learned_padding=True, text_len=null_text.shape[1], norm_bias=False, stable_norm_out=True,
+                      rel_pos_scale=float(PB_RELAX_ALPHA))
     if cfg.rotary_dim != min(32, dim_head):
         raise WeightsError(path, f"rotary frequencies cover {cfg.rotary_dim} dims, expected min(32, dim_head)")
 
@@ -482,33 +606,34 @@ def _split_prior(path: Path, state: dict) -> tuple[PriorConfig, dict[str, torch.
             if not torch.equal(tensor, freqs):
                 raise WeightsError(path, f"'net.{key}' differs from layer 0's rotary frequencies")
             continue
-        name = _NET_KEYS.get(key)
+        name = net_keys.get(key)
         if m and name is None:
-            suffix = _LAYER_KEYS.get(m.group(2))
+            suffix = layer_keys.get(m.group(2))
             name = f"blocks.{m.group(1)}.{suffix}" if suffix else None
         if name is None:
-            raise WeightsError(path, f"unexpected tensor 'net.{key}' (not a dalle2-pytorch 0.11.5 prior layout)")
+            raise WeightsError(path, f"unexpected tensor 'net.{key}' (not a {layout} prior layout)")
         if tuple(tensor.shape) != expected[name]:
             raise WeightsError(path, f"tensor 'net.{key}' has shape {tuple(tensor.shape)}, expected {expected[name]}")
         ours[name] = tensor
     missing = sorted(set(expected) - set(ours) - {"rotary_freqs"})
     if missing:
-        names = ", ".join(repr(f"net.{_file_key(name)}") for name in missing[:3])
+        names = ", ".join(repr(f"net.{_file_key(name, layout)}") for name in missing[:3])
         raise WeightsError(path, f"missing tensor {names}{' and more' if len(missing) > 3 else ''} "
-                                 "(not a dalle2-pytorch 0.11.5 prior layout)")
+                                 f"(not a {layout} prior layout)")
     ours["rotary_freqs"] = freqs
     return cfg, ours
 
 
-def _file_key(name: str) -> str:
+def _file_key(name: str, layout: str = contract.LAYOUT_0_11_5) -> str:
     """Our tensor name -> the file's name under "net." (for messages)."""
+    net_keys, layer_keys = _KEY_MAPS[layout]
     if name == "rotary_freqs":
         return f"causal_transformer.layers.0.{_ROTARY_SUFFIX}"
-    by_ours = {ours: theirs for theirs, ours in _NET_KEYS.items()}
+    by_ours = {ours: theirs for theirs, ours in net_keys.items()}
     if name in by_ours:
         return by_ours[name]
     _, layer, rest = name.split(".", 2)  # blocks.{i}.{rest}
-    by_ours_layer = {ours: theirs for theirs, ours in _LAYER_KEYS.items()}
+    by_ours_layer = {ours: theirs for theirs, ours in layer_keys.items()}
     return f"causal_transformer.layers.{layer}.{by_ours_layer[rest]}"
 
 
@@ -522,6 +647,8 @@ def _expected_prior_shapes(cfg: PriorConfig) -> dict[str, tuple[int, ...]]:
         "project_out.weight": (d, d),
         "rotary_freqs": (cfg.rotary_dim // 2,),
     }
+    if cfg.learned_padding:
+        shapes["null_text_embed"] = (1, cfg.text_len, d)
     per_layer = {
         "attn.null_kv": (2, cfg.dim_head),
         "attn.norm.weight": (d,), "attn.norm.bias": (d,),
@@ -534,6 +661,9 @@ def _expected_prior_shapes(cfg: PriorConfig) -> dict[str, tuple[int, ...]]:
         "ff.inner_norm.weight": (ff,), "ff.inner_norm.bias": (ff,),
         "ff.proj_out.weight": (d, ff),
     }
+    if not cfg.norm_bias:
+        per_layer = {k: v for k, v in per_layer.items() if not k.endswith(".bias")}
+        del shapes["norm_out.bias"]
     for i in range(cfg.depth):
         shapes.update({f"blocks.{i}.{k}": v for k, v in per_layer.items()})
     return shapes

@@ -176,6 +176,11 @@ CONVERTED_FORMAT = "conditioned-prior/1"  # the metadata tag of our converted .s
 # A dalle2-pytorch trainer file (DiffusionPriorTrainer.save) holds the EMA network and the online one;
 # which to read (default: the EMA one, what LAION's published files are).
 TRAINER_ENTRIES = ("ema_model", "model")
+# The network layouts a weights file may hold, named by the dalle2-pytorch versions that wrote them.
+LAYOUT_0_11_5 = "dalle2-pytorch 0.11.5"  # prior_ema_fp16.pth, prior_aes_finetune.pth
+LAYOUT_LATER = "dalle2-pytorch 0.23.1-1.8.x"  # prior/latest.pth, prior/best.pth, aesthetic/best.pth
+LAYOUTS = (LAYOUT_0_11_5, LAYOUT_LATER)
+LATER_CONFIG_NAME = "prior_config.json"  # read beside a later-layout file when present
 DEFAULT_TRAINER_ENTRY = "ema_model"
 
 

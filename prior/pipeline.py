@@ -67,6 +67,7 @@ class Prior:
         self.config, self.text_config = weights.prior_config, weights.text_config
         self.weights_path, self.weights_sha256 = weights.path, weights.sha256
         self.trainer_entry, self.saved_by = weights.trainer_entry, weights.saved_by  # of a trainer file
+        self.layout, self.cond_drop_prob = weights.layout, weights.cond_drop_prob  # contract.LAYOUTS
         self.tokenizer = Tokenizer(self.text_config.context_length)
         # On a CPU the linear weights are converted to `dtype` as they are packed (below), one layer
         # at a time; converting the whole network first would write a second 1 GB copy.
@@ -118,6 +119,9 @@ class Prior:
             steps = min(contract.DEFAULT_STEPS, self.config.num_timesteps)
         candidates, cond_scale, steps, seed = _check_arguments(
             prompts, candidates, cond_scale, steps, seed, guidance, sampler, self.config.num_timesteps)
+        if cond_scale != 1 and self.cond_drop_prob == 0:  # dalle2-pytorch refuses it too (can_classifier_guidance)
+            raise contract.ArgumentError("cond_scale", f"must be 1 for these weights (trained with cond_drop_prob 0, "
+                                                       f"without the unconditional case), got {cond_scale:g}")
         seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
         seeds = [(seed + i) % SEED_LIMIT for i in range(len(prompts))]
         started = time.perf_counter()
@@ -176,7 +180,9 @@ class Prior:
             return self._denoise_step(cond, x.to(dtype), t).float()
 
         full = condition(mask, yes)
-        if cond_scale == 1:  # 0.11.5 skips the unconditional pass entirely
+        # 0.11.5 skips the unconditional pass entirely at cond_scale 1; the later layout's versions
+        # compute a keep-mask and never apply it, so their guidance is the conditional pass alone
+        if cond_scale == 1 or (guidance == "original" and self.layout == contract.LAYOUT_LATER):
             return lambda x, t, i: run(full, x, t)
 
         null = condition(mask, ~yes)
