@@ -180,6 +180,21 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None, traine
                    layout, cond_drop_prob)
 
 
+def describe(path: str | Path) -> str:
+    """The layout a weights file holds, in words, read from its tensor names alone (no checks of
+    values; `read_checkpoint` makes those): which dalle2-pytorch network, in which container.
+    Raises WeightsError when it is not a weights file we read, naming why."""
+    path = Path(path)
+    state, trainer_entry, saved_by = _load_state(path, None)
+    layout = _layout_of(path, state, saved_by)
+    if path.suffix == ".safetensors":
+        where = f"trainer entry '{trainer_entry}'" if trainer_entry else "a state dict"
+        return f"{layout} network, converted from {where}"
+    if trainer_entry:
+        return f"{layout} network '{trainer_entry}' of a trainer file saved by dalle2-pytorch {saved_by or 'unknown'}"
+    return f"{layout} state dict"
+
+
 def _version_tuple(text: str | None) -> tuple[int, ...] | None:
     match = re.match(r"(\d+)\.(\d+)\.(\d+)", text or "")
     return tuple(int(n) for n in match.groups()) if match else None

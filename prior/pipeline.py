@@ -257,6 +257,9 @@ def result_record(result: EmbedResult, model: Prior, row: int = 0) -> dict:
         "truncated": bool(result.truncated[row]),
         "weights": str(model.weights_path),
         "weights_sha256": model.weights_sha256,
+        "weights_layout": model.layout,  # contract.LAYOUTS: the dalle2-pytorch network the file holds
+        "weights_trainer_entry": model.trainer_entry,  # the network read from a trainer file, else None
+        "weights_saved_by": model.saved_by,  # the dalle2-pytorch version a trainer file records, else None
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "packed_weights": bool(model.packed),  # CPU matmuls on oneDNN-prepacked weights (prior/packed.py)

@@ -10,7 +10,8 @@ resumes where it stopped, in the same run (dropped connections) or the next one.
 reaches DIR/prior_ema_fp16.pth only once it is complete and its SHA-256 is the published one.
 
 verify without --sha256 checks a .safetensors against the `.sha256` sidecar convert wrote
-beside it, and any other file against the published prior_ema_fp16.pth's SHA-256.
+beside it, and any other file against the published prior_ema_fp16.pth's SHA-256; it also names
+the layout it finds (which dalle2-pytorch network, plain state dict, trainer file or converted).
 
 Exit 0 on success; 2 with one line on stderr for a bad argument; 1 with one line on stderr
 when the network, the file or the disk fails.
@@ -76,6 +77,17 @@ def verify(path: str | Path, expected_sha256: str | None = None) -> str:
         why = f" (from {contract.sidecar_path(path).name}): corrupted or changed since it was converted" if from_sidecar else ""
         raise WeightsFileError(f"{path}: SHA-256 is {actual}, expected {expected}{why}")
     return actual
+
+
+def layout(path: str | Path) -> str:
+    """The network layout and container of a weights file, in words (checkpoint.describe), or
+    why none is recognised: verify reports it beside the hash, whose check it does not change."""
+    from . import checkpoint
+
+    try:
+        return checkpoint.describe(path)
+    except WeightsError as e:
+        return f"not recognised ({e.problem})"
 
 
 def download(dest: str | Path | None = None, revision: str = HF_REVISION,
@@ -275,7 +287,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m prior.weights") -
                 path = download(args.dest, args.revision)
                 print(f"{path}: OK (SHA-256 {PRIOR_EMA_FP16_SHA256})")
             elif args.command == "verify":
-                print(f"{args.path}: OK (SHA-256 {verify(args.path, args.sha256)})")
+                print(f"{args.path}: OK (SHA-256 {verify(args.path, args.sha256)}); layout: {layout(args.path)}")
             else:
                 print(f"wrote {convert(args.src, args.dst, args.dtype, args.trainer_entry)}")
     except ArgumentError as e:

@@ -230,3 +230,31 @@ def test_a_trainer_file_of_a_supported_version_is_read(tmp_path, later_files, mo
     model = prior.load(path, device="cpu", dtype="float32")
     assert (model.layout, model.saved_by, model.trainer_entry) == (contract.LAYOUT_LATER, "1.1.0", "ema_model")
     assert dataclasses.asdict(model.config) == dataclasses.asdict(models["later_77"].config)
+
+
+def test_cli_matches_oracle_and_names_the_layout(tmp_path, later_files, answers):
+    name, prompt, candidates, cond_scale, seed, guidance = SAMPLES[2]
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "prior", "embed", prompt, "--weights", str(later_files[name]),
+                           "--candidates", str(candidates), "--cond-scale", str(cond_scale), "--seed", str(seed),
+                           "--guidance", guidance, "--steps", "1000", "--device", "cpu", "--dtype", "float32", "--quiet",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert_close_relative(np.load(out / "image_embedding.npy"), answers[name]["samples"][2]["image"])
+    record = json.loads((out / "result.json").read_text())
+    assert (record["weights_layout"], record["weights_trainer_entry"], record["weights_saved_by"]) == (
+        contract.LAYOUT_LATER, None, None)
+
+
+def test_verify_names_the_layout(tmp_path, later_files, capsys):
+    from prior import weights
+
+    cases = _bad_files(tmp_path, later_files["later_77"])
+    expected = {later_files["later_77"]: "layout: dalle2-pytorch 0.23.1-1.8.x state dict",
+                cases["keys_of_1_9"][0]: "layout: not recognised (made by dalle2-pytorch 1.9.0 or later",
+                cases["cosine_sim_trainer"][0]: "layout: not recognised (made by dalle2-pytorch 1.5.0"}
+    for path, says in expected.items():
+        digest = contract.sha256_of(path)
+        assert weights.main(["verify", str(path), "--sha256", digest]) == 0  # the hash is what verify checks
+        assert capsys.readouterr().out.startswith(f"{path}: OK (SHA-256 {digest}); {says}")

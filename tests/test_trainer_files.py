@@ -10,6 +10,7 @@ version object becomes an inert stand-in, any other object is refused with one l
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -221,3 +222,22 @@ def test_a_bad_trainer_entry_is_exit_2(tmp_path, trainer_file):
     with pytest.raises(ValueError, match="trainer_entry"):
         prior.load(trainer_file, device="cpu", trainer_entry="online")
 
+
+
+def test_result_json_and_verify_name_the_layout(tmp_path, trainer_file, tiny_checkpoint, capsys):
+    from prior import contract, weights
+
+    out = tmp_path / "out"
+    done = _run("-m", "prior", "embed", "a cat", "--weights", str(trainer_file), "--trainer-entry", "model",
+                "--steps", "2", "--quiet", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "result.json").read_text())
+    assert (record["weights_layout"], record["weights_trainer_entry"], record["weights_saved_by"]) == (
+        contract.LAYOUT_0_11_5, "model", "0.11.5")
+    expected = {trainer_file: "layout: dalle2-pytorch 0.11.5 network 'ema_model' of a trainer file saved by "
+                              "dalle2-pytorch 0.11.5",
+                tiny_checkpoint: "layout: dalle2-pytorch 0.11.5 state dict"}
+    for path, says in expected.items():
+        digest = contract.sha256_of(path)
+        assert weights.main(["verify", str(path), "--sha256", digest]) == 0
+        assert capsys.readouterr().out == f"{path}: OK (SHA-256 {digest}); {says}\n"
