@@ -32,6 +32,7 @@ from prior.weights import convert
 from tests import oracle_later
 from tests.compare import assert_close_relative
 from tests.oracle_later import LATER_SHAPES
+from tests.test_graphs import StandInGraph, stand_in_cuda  # noqa: F401 (a fixture, used by name)
 
 BANG_PROMPT = "5!$ wow !% a lighthouse at dusk"  # "!" is token 0: the later versions mask by the end token instead
 PROMPTS = [BANG_PROMPT, "a red cube on a table", "an astronaut riding a horse, oil on canvas " * 6]
@@ -258,3 +259,18 @@ def test_verify_names_the_layout(tmp_path, later_files, capsys):
         digest = contract.sha256_of(path)
         assert weights.main(["verify", str(path), "--sha256", digest]) == 0  # the hash is what verify checks
         assert capsys.readouterr().out.startswith(f"{path}: OK (SHA-256 {digest}); {says}")
+
+
+def test_embed_through_cuda_graph_bookkeeping_equals_eager(later_files, stand_in_cuda):  # noqa: F811
+    """The graphed step (tests/test_graphs.py's CPU stand-in) pads every condition to the later
+    layout's prefix (max_text_len + 1), the unconditional pass's empty one included."""
+    from prior.graphs import GraphedDenoiser
+
+    model = prior.load(later_files["later_77"], device="cpu", dtype="float32")
+    kwargs = dict(candidates=3, cond_scale=3.0, steps=8, seed=5, guidance="standard")
+    expected = model.embed(PROMPTS[:2], **kwargs)
+    stand_in_cuda(model.network)
+    model._denoise_step = GraphedDenoiser(model.network)
+    result = model.embed(PROMPTS[:2], **kwargs)
+    np.testing.assert_allclose(result.candidates, expected.candidates, rtol=1e-5, atol=1e-6)
+    assert StandInGraph.replays == 8
