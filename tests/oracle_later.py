@@ -132,7 +132,11 @@ def _make(spec: dict) -> None:
     prior = _build(shape)
     state = prior.state_dict()
     for key, tensor in state.items():  # gains away from 1, so that a dropped one shows
-        if key.startswith("net.") and key.endswith(".g"):
+        if key.endswith("relative_attention_bias.weight"):
+            # counted 128 times: at nn.Embedding's N(0, 1) init, attention would see only the nearest
+            # few positions, and a wrong text position far from the query would not show
+            tensor.div_(128)
+        elif key.startswith("net.") and key.endswith(".g"):
             tensor.add_(0.2 * torch.randn_like(tensor))
         elif key.startswith("clip.clip.") and "ln_" in key and key.endswith((".weight", ".bias")):
             tensor.add_(0.2 * torch.randn_like(tensor))
