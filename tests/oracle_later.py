@@ -194,7 +194,8 @@ def _run(spec: dict) -> None:
             embed, encodings = prior.clip.embed_text(tokens)
             args = (request["x_t"], request["t"])
             text_cond = {"text_embed": embed, "text_encodings": encodings}
-            answers.append({"conditional": prior.net(*args, cond_drop_prob=0.0, **text_cond),
+            answers.append({"final_norm": prior.net.causal_transformer.norm(request["norm_x"]),
+                            "conditional": prior.net(*args, cond_drop_prob=0.0, **text_cond),
                             "dropped": prior.net(*args, cond_drop_prob=1.0, **text_cond),
                             "standard_null": _standard_null(prior.net, *args, **text_cond)})
         else:  # a whole sample, as the original predictor ran it

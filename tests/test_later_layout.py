@@ -64,15 +64,17 @@ def answers(later_files, tmp_path_factory) -> dict[str, list[dict]]:
     for name, path in later_files.items():
         tokens = clip.tokenize(PROMPTS, truncate=True)
         x_t = torch.randn(len(PASS_ROWS), LATER_SHAPES[name].dim, generator=torch.Generator().manual_seed(7))
+        norm_x = torch.cat([x_t - 5, x_t * 1e-3 + 2])  # rows whose maximum is negative; rows of tiny variance
         requests = [{"kind": "text", "tokens": tokens},
-                    {"kind": "pass", "tokens": tokens[PASS_ROWS], "x_t": x_t, "t": PASS_TIMESTEPS}]
+                    {"kind": "pass", "tokens": tokens[PASS_ROWS], "x_t": x_t, "t": PASS_TIMESTEPS, "norm_x": norm_x}]
         requests += [{"kind": "sample", "tokens": clip.tokenize([p], truncate=True), "candidates": n, "cond_scale": s,
                       "seed": seed, "standard": g == "standard"} for f, p, n, s, seed, g in SAMPLES if f == name]
         if name == "later_256":  # trained without conditional dropout: guidance is refused at once
             requests.append({"kind": "sample", "tokens": clip.tokenize([PROMPTS[1]], truncate=True), "candidates": 2,
                              "cond_scale": 3.5, "seed": 9, "standard": False})
         done[name] = oracle_later.run(path, LATER_SHAPES[name], requests, tmp_path_factory.mktemp(f"answers-{name}"))
-        done[name] = {"text": done[name][0], "pass": done[name][1], "samples": done[name][2:], "x_t": x_t}
+        done[name] = {"text": done[name][0], "pass": done[name][1], "samples": done[name][2:], "x_t": x_t,
+                      "norm_x": norm_x}
     return done
 
 
@@ -117,6 +119,8 @@ def test_network_pass_matches_oracle(models, answers, name):
     rows = len(PASS_ROWS)
     assert_close_relative(model.network(*args, torch.ones(rows, dtype=torch.bool)), expected["conditional"])
     assert_close_relative(model.network(*args, torch.zeros(rows, dtype=torch.bool)), expected["standard_null"])
+    # the "stable" final LayerNorm (x / max(x) first) shows only where the maximum is negative or eps matters
+    assert_close_relative(model.network.norm_out(answers[name]["norm_x"]), expected["final_norm"])
     # the no-op the original guidance is: the oracle's dropped pass is its conditional pass, to the bit
     assert torch.equal(expected["dropped"], expected["conditional"])
     assert not torch.allclose(expected["standard_null"], expected["conditional"], rtol=1e-3)
