@@ -103,6 +103,13 @@ def add_batch_size_argument(parser: argparse.ArgumentParser, note: str = "") -> 
                         help=f"prompts per forward pass ({low}..{high}, default {contract.DEFAULT_BATCH_SIZE}){note}")
 
 
+def add_trainer_entry_argument(parser: argparse.ArgumentParser) -> None:
+    """Which network of a dalle2-pytorch trainer file to read."""
+    parser.add_argument("--trainer-entry", choices=contract.TRAINER_ENTRIES, default=None,
+                        help="for a dalle2-pytorch trainer file: the network to read, the EMA one "
+                             f"('{contract.DEFAULT_TRAINER_ENTRY}', the default) or the online one ('model')")
+
+
 def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     """field (an option's dest) -> the flag a user typed (`--cond-scale`, or a positional's METAVAR)."""
     names = {}
@@ -147,7 +154,8 @@ def load_for_sampling(args: argparse.Namespace):
     A bad weights file raises WeightsError."""
     from .pipeline import load
 
-    model = load(args.weights, device=args.device, dtype=args.dtype, expected_sha256=args.sha256)
+    model = load(args.weights, device=args.device, dtype=args.dtype, expected_sha256=args.sha256,
+                 trainer_entry=getattr(args, "trainer_entry", None))
     args.steps = resolve_steps(args.steps, model.config.num_timesteps)
     return model
 

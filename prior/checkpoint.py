@@ -12,6 +12,13 @@ needs, renamed to our modules' names. Any problem is a `WeightsError` naming the
 `convert_to_safetensors` writes the tensors inference needs (no visual tower), under the
 same names, to a .safetensors file with a SHA-256 sidecar: no pickle at all, memory-mapped
 on load, about 60% of the original's size. `read_checkpoint` reads either format.
+
+A dalle2-pytorch trainer file (`DiffusionPriorTrainer.save`: the EMA network and the online one
+as state dicts, the optimizer's and scaler's state, the package version) is read too: one of its
+two networks (`ema_model` by default, or `model`) is taken as the state dict above. Its
+version is a `packaging.version.Version`, the one object in it that is not a tensor or a
+plain Python value: it is unpickled into an inert stand-in of ours (`SavedVersion`), and any
+other object is refused, as in every file.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import re
 import warnings
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -71,6 +78,34 @@ _LAYER_KEYS = {
     "1.3.beta": "ff.inner_norm.bias",
     "1.5.weight": "ff.proj_out.weight",
 }
+# The later layout (dalle2-pytorch 0.23.1-1.8.x): LayerNorms hold a gain `g` only, and the
+# learned padding of the text positions is one more tensor.
+_LATER_NET_KEYS = {
+    "learned_query": "learned_query",
+    "null_text_embed": "null_text_embed",
+    "to_time_embeds.0.weight": "time_embed.weight",
+    "causal_transformer.rel_pos_bias.relative_attention_bias.weight": "rel_pos_bias.weight",
+    "causal_transformer.norm.g": "norm_out.weight",
+    "causal_transformer.project_out.weight": "project_out.weight",
+}
+_LATER_LAYER_KEYS = {
+    "0.null_kv": "attn.null_kv",
+    "0.norm.g": "attn.norm.weight",
+    "0.to_q.weight": "attn.to_q.weight",
+    "0.to_kv.weight": "attn.to_kv.weight",
+    "0.to_out.0.weight": "attn.to_out.weight",
+    "0.to_out.1.g": "attn.out_norm.weight",
+    "1.0.g": "ff.norm.weight",
+    "1.1.weight": "ff.proj_in.weight",
+    "1.3.g": "ff.inner_norm.weight",
+    "1.5.weight": "ff.proj_out.weight",
+}
+_KEY_MAPS = {contract.LAYOUT_0_11_5: (_NET_KEYS, _LAYER_KEYS), contract.LAYOUT_LATER: (_LATER_NET_KEYS, _LATER_LAYER_KEYS)}
+# Keys that dalle2-pytorch 1.9.0 introduced (null embeddings for the text embedding and the image).
+_KEYS_SINCE_1_9 = ("null_text_encodings", "null_text_embeds", "null_image_embed")
+PB_RELAX_ALPHA = 128  # the later layout's attention: logits / 128, + bias, then * 128
+COSINE_SIM_SINCE = (1, 4, 3)  # dalle2-pytorch's attention became cosine-similarity attention here
+LATER_SINCE = (0, 23, 1)  # the first version whose network is the later layout's as read here
 _LAYER_RE = re.compile(r"causal_transformer\.layers\.(\d+)\.(.+)")
 _ROTARY_SUFFIX = "0.rotary_emb.freqs"  # one shared module, stored once per layer
 
@@ -88,14 +123,23 @@ class Weights:
     schedule: dict[str, torch.Tensor]  # noise_scheduler buffers, by short name
     path: Path
     sha256: str | None
+    trainer_entry: str | None = None  # the network read from a trainer file; None: a plain state dict
+    saved_by: str | None = None  # the dalle2-pytorch version a trainer file records
+    layout: str = contract.LAYOUT_0_11_5  # contract.LAYOUTS
+    cond_drop_prob: float | None = None  # the later layout's, from its prior_config.json (None: not known)
 
 
-def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Weights:
-    """Load, check and split a prior_ema_fp16.pth-format file, or its converted .safetensors.
+def read_checkpoint(path: str | Path, expected_sha256: str | None = None, trainer_entry: str | None = None) -> Weights:
+    """Load, check and split a prior_ema_fp16.pth-format file, a dalle2-pytorch trainer file
+    holding one, or a converted .safetensors of either.
 
     A .safetensors file is checked against its `.sha256` sidecar when no hash is given.
+    `trainer_entry` picks the network of a trainer file (contract.TRAINER_ENTRIES; None: the
+    EMA one); asked of a file that is not a trainer file (or its conversion), it is an error.
     Raises WeightsError.
     """
+    if trainer_entry is not None:
+        contract.check_choice("trainer_entry", trainer_entry, contract.TRAINER_ENTRIES)
     path = Path(path)
     if not path.is_file():
         raise WeightsError(path, "file not found" if not path.exists() else "not a regular file")
@@ -118,20 +162,207 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Wei
             _remember_verified(path, sha256)
     if path.suffix != ".safetensors" and expected_sha256 is None:
         _check_zip_checksums(path)
-    state = _safetensors_load(path) if path.suffix == ".safetensors" else _torch_load(path)
-    prior_config, prior_state = _split_prior(path, state)
+    state, trainer_entry, saved_by = _load_state(path, trainer_entry)
+    layout = _layout_of(path, state, saved_by)
+    prior_config, prior_state = _split_prior(path, state, layout)
+    cond_drop_prob = _later_config(path, prior_config) if layout == contract.LAYOUT_LATER else None
     text_config, text_state = _split_text(path, state, prior_config.dim)
     schedule = _split_schedule(path, state, prior_config.num_timesteps)
     stray = next((k for k in state if not k.startswith(_TOP_LEVEL)), None)
     if stray is not None:
-        raise WeightsError(path, f"unexpected tensor {stray!r} (not a dalle2-pytorch 0.11.5 DiffusionPrior layout)")
-    tensors = [*((f"net.{_file_key(k)}", v) for k, v in prior_state.items()),
+        raise WeightsError(path, f"unexpected tensor {stray!r} (not a {layout} DiffusionPrior layout)")
+    tensors = [*((f"net.{_file_key(k, layout)}", v) for k, v in prior_state.items()),
                *((f"clip.clip.{k}", v) for k, v in text_state.items())]
     for name, tensor in tensors:  # named as in the file; the schedule is checked in _split_schedule
         _check_storage(path, name, tensor)
         if not converted and not torch.isfinite(tensor).all():
             raise WeightsError(path, f"tensor {name!r} contains NaN or Inf")
-    return Weights(prior_config, text_config, prior_state, text_state, schedule, path, sha256)
+    return Weights(prior_config, text_config, prior_state, text_state, schedule, path, sha256, trainer_entry, saved_by,
+                   layout, cond_drop_prob)
+
+
+def describe(path: str | Path) -> str:
+    """The layout a weights file holds, in words, read from its tensor names alone (no checks of
+    values; `read_checkpoint` makes those): which dalle2-pytorch network, in which container.
+    Raises WeightsError when it is not a weights file we read, naming why."""
+    path = Path(path)
+    state, trainer_entry, saved_by = _load_state(path, None)
+    layout = _layout_of(path, state, saved_by)
+    if path.suffix == ".safetensors":
+        where = f"trainer entry '{trainer_entry}'" if trainer_entry else "a state dict"
+        return f"{layout} network, converted from {where}"
+    if trainer_entry:
+        return f"{layout} network '{trainer_entry}' of a trainer file saved by dalle2-pytorch {saved_by or 'unknown'}"
+    return f"{layout} state dict"
+
+
+def _version_tuple(text: str | None) -> tuple[int, ...] | None:
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", text or "")
+    return tuple(int(n) for n in match.groups()) if match else None
+
+
+def _layout_of(path: Path, state: dict, saved_by: str | None) -> str:
+    """Which network the tensors are, from their names: the later layout has LayerNorm gains
+    `g` and a learned `null_text_embed`; a version we cannot reproduce is refused, naming it."""
+    net = {k[4:] for k in state if k.startswith("net.")}
+    since_1_9 = [k for k in _KEYS_SINCE_1_9 if k in net]
+    if since_1_9:
+        raise WeightsError(path, f"made by dalle2-pytorch 1.9.0 or later ('net.{since_1_9[0]}'): its learned null "
+                                 "embeddings change the network; only the 0.11.5 and 0.23.1-1.4.2 networks are read")
+    if not ("causal_transformer.norm.g" in net and "null_text_embed" in net):
+        return contract.LAYOUT_0_11_5
+    version = _version_tuple(saved_by)  # known for a trainer file only: a plain state dict does not say
+    if version is not None and version >= COSINE_SIM_SINCE:
+        raise WeightsError(path, f"made by dalle2-pytorch {saved_by}: from 1.4.3 on its attention is cosine-similarity "
+                                 "attention under the same tensor names, which is not reproduced (0.23.1-1.4.2 are)")
+    if version is not None and version < LATER_SINCE:
+        raise WeightsError(path, f"made by dalle2-pytorch {saved_by}: before 0.23.1 its network applied a text mask "
+                                 "under the same tensor names, which is not reproduced (0.23.1-1.4.2 are)")
+    return contract.LAYOUT_LATER
+
+
+# What a later-layout prior_config.json may say, beyond the sizes checked against the tensors:
+# options of dalle2-pytorch's DiffusionPrior(Network) whose values other than these are not reproduced.
+_LATER_CONFIG_FIXED = {
+    "net.num_time_embeds": 1, "net.num_image_embeds": 1, "net.num_text_embeds": 1, "net.norm_in": False,
+    "net.norm_out": True, "net.final_proj": True, "net.normformer": True, "net.rotary_emb": True,
+    "condition_on_text_encodings": True, "predict_x_start": True, "beta_schedule": "cosine",
+    "sampling_clamp_l2norm": False, "sampling_final_clamp_l2norm": False, "init_image_embed_l2norm": False,
+    "image_embed_scale": None,
+}
+
+
+def _later_config(path: Path, cfg: PriorConfig) -> float:
+    """The later layout's cond_drop_prob (dalle2-pytorch's default 0 when nothing says), from a
+    converted file's metadata or the prior_config.json beside the file, whose sizes must agree
+    with the tensors'."""
+    if path.suffix == ".safetensors":
+        recorded = (contract.safetensors_metadata(path) or {}).get("cond_drop_prob")
+        if recorded is not None:
+            return float(recorded)
+    config_path = path.with_name(contract.LATER_CONFIG_NAME)
+    if not config_path.is_file():
+        return 0.0
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(config_path, f"not a readable JSON file ({str(e).splitlines()[0] if str(e) else e})") from None
+    prior = config.get("prior", config) if isinstance(config, dict) else None
+    if not isinstance(prior, dict) or not isinstance(prior.get("net"), dict):
+        raise WeightsError(config_path, "no 'prior.net' section (not a dalle2-pytorch diffusion prior config)")
+    net = prior["net"]
+    sizes = {  # name in the config: (its value, dalle2-pytorch's default, what the tensors say)
+        "net.dim": (net.get("dim"), None, cfg.dim),
+        "net.depth": (net.get("depth"), None, cfg.depth),
+        "net.heads": (net.get("heads"), 8, cfg.heads),
+        "net.dim_head": (net.get("dim_head"), 64, cfg.dim_head),
+        "net.ff_mult": (net.get("ff_mult"), 4, cfg.ff_inner / cfg.dim),
+        "net.max_text_len": (net.get("max_text_len"), 256, cfg.text_len),
+        "net.num_timesteps": (net.get("num_timesteps"), cfg.num_timesteps, cfg.num_timesteps),
+        "timesteps": (prior.get("timesteps"), 1000, cfg.num_timesteps),
+        "image_embed_dim": (prior.get("image_embed_dim"), cfg.dim, cfg.dim),
+    }
+    for name, (value, default, actual) in sizes.items():
+        value = default if value is None else value
+        if value != actual:
+            raise WeightsError(config_path, f"{name} is {value!r}, but the tensors of {path.name} say {actual:g}")
+    for name, fixed in _LATER_CONFIG_FIXED.items():
+        section, key = (net, name[4:]) if name.startswith("net.") else (prior, name)
+        if section.get(key, fixed) != fixed:
+            raise WeightsError(config_path, f"{name} is {section[key]!r}; only {fixed!r} is reproduced")
+    drop = prior.get("cond_drop_prob", 0.0)
+    if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop <= 1:
+        raise WeightsError(config_path, f"cond_drop_prob must be a number from 0 to 1, got {drop!r}")
+    return float(drop)
+
+
+def _load_state(path: Path, trainer_entry: str | None) -> tuple[dict[str, torch.Tensor], str | None, str | None]:
+    """The file's flat state dict, the trainer entry it came from and the version that saved it."""
+    if path.suffix == ".safetensors":
+        metadata = contract.safetensors_metadata(path) or {}
+        recorded = metadata.get("trainer_entry")  # a converted file holds one network: any other asked for is an error
+        if trainer_entry is not None and trainer_entry != recorded:
+            held = f"trainer entry {recorded!r}" if recorded else "a plain state dict, not a trainer file"
+            raise WeightsError(path, f"converted from {held}; asked for {trainer_entry!r}")
+        return _safetensors_load(path), metadata.get("trainer_entry"), metadata.get("saved_by")
+    return _pick_state(path, _torch_load(path), trainer_entry)
+
+
+def _is_state_dict(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _pick_state(path: Path, loaded: object, trainer_entry: str | None) -> tuple[dict, str | None, str | None]:
+    """A flat state dict as it is; a trainer file's `trainer_entry` network (default the EMA one)."""
+    trainer = isinstance(loaded, dict) and any(_is_state_dict(loaded.get(e)) for e in contract.TRAINER_ENTRIES)
+    if not trainer:
+        if not _is_state_dict(loaded):
+            raise WeightsError(path, "not a state_dict (expected a flat mapping of names to tensors, "
+                                     "or a dalle2-pytorch trainer file)")
+        if trainer_entry is not None:
+            raise WeightsError(path, f"not a trainer file (a plain state dict), so it has no {trainer_entry!r} entry")
+        state, saved_by = loaded, None
+    else:
+        trainer_entry = trainer_entry or contract.DEFAULT_TRAINER_ENTRY
+        state = loaded.get(trainer_entry)
+        if not _is_state_dict(state):
+            held = ", ".join(repr(k) for k in loaded if _is_state_dict(loaded[k]))
+            raise WeightsError(path, f"trainer file has no {trainer_entry!r} state dict (it holds {held})")
+        version = loaded.get("version")
+        saved_by = str(version) if isinstance(version, SavedVersion | str) else None
+    if not any(isinstance(k, str) and k.startswith("net.") for k in state):
+        where = f"its {trainer_entry!r} entry is " if trainer_entry else ""
+        raise WeightsError(path, f"{where}not a dalle2-pytorch DiffusionPrior state_dict (no 'net.*' tensors)")
+    return state, trainer_entry, saved_by
+
+
+class SavedVersion:
+    """What a trainer file's `packaging.version.Version` is unpickled into: its parts, no code.
+
+    packaging before 26.1 pickles the object's __dict__ (`_version`, a named tuple of the parts,
+    and `_key`, a comparison key holding packaging's Infinity markers); 26.2 and later a tuple
+    (epoch, release, pre, post, dev, local). Both are accepted; only the parts are kept."""
+
+    parts: tuple = (0, (), None, None, None, None)
+
+    def __setstate__(self, state) -> None:
+        if isinstance(state, dict) and isinstance(state.get("_version"), tuple):
+            version = state["_version"]  # (epoch, release, dev, pre, post, local)
+            self.parts = (version[0], version[1], version[3], version[4], version[2], version[5])
+        elif isinstance(state, tuple) and len(state) == 6:
+            self.parts = state
+        elif isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # __slots__ state
+            self.__setstate__(state[1])
+
+    def __str__(self) -> str:
+        epoch, release, pre, post, dev, local = self.parts
+        text = (f"{epoch}!" if epoch else "") + ".".join(str(n) for n in release or ())
+        text += "".join(str(p) for p in pre) if pre else ""
+        text += f".post{post[-1]}" if post else ""
+        text += f".dev{dev[-1]}" if dev else ""
+        text += "+" + ".".join(str(p) for p in local) if local else ""
+        return text or "unknown"
+
+
+class _VersionParts(tuple):
+    """packaging.version._Version, the named tuple of the parts (packaging before 26.1)."""
+
+    def __new__(cls, *parts):
+        return tuple.__new__(cls, parts)
+
+
+class _Infinity:
+    """packaging._structures.InfinityType / NegativeInfinityType: markers in an old comparison key."""
+
+
+# The only objects, besides tensors and plain Python values, that a file may hold, under the
+# names the pickle gives them, each mapped to an inert class of ours.
+ALLOWED_GLOBALS = [
+    (SavedVersion, "packaging.version.Version"),
+    (_VersionParts, "packaging.version._Version"),
+    (_Infinity, "packaging._structures.InfinityType"),
+    (_Infinity, "packaging._structures.NegativeInfinityType"),
+]
 
 
 WEIGHT_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
@@ -177,7 +408,7 @@ def _remember_verified(path: Path, sha256: str) -> None:
 
 def convert_to_safetensors(
     src: str | Path, dst: str | Path | None = None, expected_sha256: str | None = None, dtype: torch.dtype | None = None,
-    done: Callable[[], None] | None = None,
+    done: Callable[[], None] | None = None, trainer_entry: str | None = None,
 ) -> Path:
     """Write what inference needs from `src` to `dst` (default: src with .safetensors), plus
     `dst.sha256`. The source is fully checked first; `dst` appears only when complete.
@@ -187,14 +418,17 @@ def convert_to_safetensors(
     from the memory map, with no conversion at load. The schedule buffers keep the file's
     fp16-rounded values either way (float32 holds them exactly). `done` runs once both files
     are in place, before a held back Ctrl-C lands (contract.atomic_path).
+
+    From a trainer file, `trainer_entry` (default the EMA network) is what is kept; the file is
+    memory-mapped, so its other entries (the online network, the optimizer's state) are never read.
     """
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_suffix(".safetensors")
-    weights = read_checkpoint(src, expected_sha256)  # every check, before anything is written
-    state = _torch_load(src)
+    weights = read_checkpoint(src, expected_sha256, trainer_entry)  # every check, before anything is written
+    state, _, _ = _load_state(src, weights.trainer_entry)
     text_keys = {f"clip.clip.{k}" for k in weights.text_state}
-    kept = {k: v.clone().contiguous() for k, v in state.items()
-            if k.startswith(("net.", "noise_scheduler.")) or k in text_keys}
+    # Still the memory-mapped tensors: they are read from the file only as they are written out.
+    kept = {k: v for k, v in state.items() if k.startswith(("net.", "noise_scheduler.")) or k in text_keys}
     if dtype is not None:
         kept = {k: v.to(dtype) if v.is_floating_point() and not k.startswith("noise_scheduler.") else v
                 for k, v in kept.items()}
@@ -202,6 +436,10 @@ def convert_to_safetensors(
     metadata = {"format": contract.CONVERTED_FORMAT, "source": src.name,
                 "source_sha256": weights.sha256 or sha256_of(src),
                 "source_size": str(source.st_size), "source_mtime_ns": str(source.st_mtime_ns)}
+    if weights.trainer_entry is not None:
+        metadata.update(trainer_entry=weights.trainer_entry, saved_by=weights.saved_by or "unknown")
+    if weights.cond_drop_prob is not None:  # the later layout's, from its prior_config.json
+        metadata["cond_drop_prob"] = repr(weights.cond_drop_prob)
     _write_converted(kept, metadata, dst, done)
     return dst
 
@@ -307,40 +545,43 @@ def _preview(head: bytes) -> str:
     return f"; it starts with {line!r}" if line.isprintable() else ""
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    mmap = _is_zip_format(path)  # memory-mapped: the visual tower we drop is never read from disk
+def _torch_load(path: Path) -> object:
+    """torch.load with weights_only (tensors and plain values, never code) and ALLOWED_GLOBALS,
+    memory-mapped where torch allows (the zip format): only the tensors used are read from disk."""
+    mmap = _is_zip_format(path)
     try:
-        with warnings.catch_warnings():  # torch warns on old-format files; the error below says it all
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            warnings.simplefilter("ignore")  # torch warns on old-format files; the error below says it all
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's message is long; the useful part is the line naming what was refused
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = next((line for line in lines if "GLOBAL" in line or "Unsupported operand" in line), lines[0] if lines else "")
         if "GLOBAL" in detail:  # a pickled callable: code that weights_only refused to run
-            raise WeightsError(path, f"refused: the file holds pickled code, not only tensors ({detail})") from None
+            named = re.search(r"GLOBAL (\S+)", detail)
+            what = f"'{named.group(1)}'" if named else f"({detail})"
+            raise WeightsError(path, f"refused: the file holds pickled code, not only tensors: the global {what} "
+                                     "is not one a weights file may hold (nothing was run)") from None
         raise WeightsError(path, f"not a PyTorch checkpoint, or truncated or corrupted ({detail})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, TypeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(path, f"not a readable PyTorch checkpoint, truncated or corrupted ({first_line})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(path, "not a state_dict (expected a flat mapping of names to tensors)")
-    if not any(isinstance(k, str) and k.startswith("net.") for k in state):
-        raise WeightsError(path, "not a dalle2-pytorch DiffusionPrior state_dict (no 'net.*' tensors)")
     return state
 
 
-def _need(path: Path, state: dict, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+def _need(path: Path, state: dict, key: str, shape: tuple[int, ...] | None = None,
+          layout: str = contract.LAYOUT_0_11_5) -> torch.Tensor:
     if key not in state:
-        raise WeightsError(path, f"missing tensor {key!r} (not a dalle2-pytorch 0.11.5 prior layout)")
+        raise WeightsError(path, f"missing tensor {key!r} (not a {layout} prior layout)")
     tensor = state[key]
     if shape is not None and tuple(tensor.shape) != shape:
         raise WeightsError(path, f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape}")
     return tensor
 
 
-def _split_prior(path: Path, state: dict) -> tuple[PriorConfig, dict[str, torch.Tensor]]:
+def _split_prior(path: Path, state: dict, layout: str = contract.LAYOUT_0_11_5) -> tuple[PriorConfig, dict[str, torch.Tensor]]:
     net = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    net_keys, layer_keys = _KEY_MAPS[layout]
     layers = sorted({int(m.group(1)) for k in net if (m := _LAYER_RE.fullmatch(k))})
     if not layers:
         raise WeightsError(path, "no prior transformer layers ('net.causal_transformer.layers.*' tensors)")
@@ -358,6 +599,13 @@ def _split_prior(path: Path, state: dict) -> tuple[PriorConfig, dict[str, torch.
     cfg = PriorConfig(dim=dim, depth=len(layers), heads=q_rows // dim_head, dim_head=dim_head,
                       ff_inner=ff_inner, num_timesteps=num_timesteps, rotary_dim=2 * freqs.shape[0],
                       rel_pos_buckets=buckets)
+    if layout == contract.LAYOUT_LATER:
+        null_text = _need(path, net, "null_text_embed", layout=layout)
+        if null_text.dim() != 3 or null_text.shape[0] != 1 or null_text.shape[1] < 1:
+            raise WeightsError(path, f"tensor 'net.null_text_embed' has shape {tuple(null_text.shape)}, "
+                                     f"expected (1, max_text_len, {dim})")
+        cfg = replace(cfg, learned_padding=True, text_len=null_text.shape[1], norm_bias=False, stable_norm_out=True,
+                      rel_pos_scale=float(PB_RELAX_ALPHA))
     if cfg.rotary_dim != min(32, dim_head):
         raise WeightsError(path, f"rotary frequencies cover {cfg.rotary_dim} dims, expected min(32, dim_head)")
 
@@ -368,33 +616,34 @@ def _split_prior(path: Path, state: dict) -> tuple[PriorConfig, dict[str, torch.
             if not torch.equal(tensor, freqs):
                 raise WeightsError(path, f"'net.{key}' differs from layer 0's rotary frequencies")
             continue
-        name = _NET_KEYS.get(key)
+        name = net_keys.get(key)
         if m and name is None:
-            suffix = _LAYER_KEYS.get(m.group(2))
+            suffix = layer_keys.get(m.group(2))
             name = f"blocks.{m.group(1)}.{suffix}" if suffix else None
         if name is None:
-            raise WeightsError(path, f"unexpected tensor 'net.{key}' (not a dalle2-pytorch 0.11.5 prior layout)")
+            raise WeightsError(path, f"unexpected tensor 'net.{key}' (not a {layout} prior layout)")
         if tuple(tensor.shape) != expected[name]:
             raise WeightsError(path, f"tensor 'net.{key}' has shape {tuple(tensor.shape)}, expected {expected[name]}")
         ours[name] = tensor
     missing = sorted(set(expected) - set(ours) - {"rotary_freqs"})
     if missing:
-        names = ", ".join(repr(f"net.{_file_key(name)}") for name in missing[:3])
+        names = ", ".join(repr(f"net.{_file_key(name, layout)}") for name in missing[:3])
         raise WeightsError(path, f"missing tensor {names}{' and more' if len(missing) > 3 else ''} "
-                                 "(not a dalle2-pytorch 0.11.5 prior layout)")
+                                 f"(not a {layout} prior layout)")
     ours["rotary_freqs"] = freqs
     return cfg, ours
 
 
-def _file_key(name: str) -> str:
+def _file_key(name: str, layout: str = contract.LAYOUT_0_11_5) -> str:
     """Our tensor name -> the file's name under "net." (for messages)."""
+    net_keys, layer_keys = _KEY_MAPS[layout]
     if name == "rotary_freqs":
         return f"causal_transformer.layers.0.{_ROTARY_SUFFIX}"
-    by_ours = {ours: theirs for theirs, ours in _NET_KEYS.items()}
+    by_ours = {ours: theirs for theirs, ours in net_keys.items()}
     if name in by_ours:
         return by_ours[name]
     _, layer, rest = name.split(".", 2)  # blocks.{i}.{rest}
-    by_ours_layer = {ours: theirs for theirs, ours in _LAYER_KEYS.items()}
+    by_ours_layer = {ours: theirs for theirs, ours in layer_keys.items()}
     return f"causal_transformer.layers.{layer}.{by_ours_layer[rest]}"
 
 
@@ -408,6 +657,8 @@ def _expected_prior_shapes(cfg: PriorConfig) -> dict[str, tuple[int, ...]]:
         "project_out.weight": (d, d),
         "rotary_freqs": (cfg.rotary_dim // 2,),
     }
+    if cfg.learned_padding:
+        shapes["null_text_embed"] = (1, cfg.text_len, d)
     per_layer = {
         "attn.null_kv": (2, cfg.dim_head),
         "attn.norm.weight": (d,), "attn.norm.bias": (d,),
@@ -420,6 +671,9 @@ def _expected_prior_shapes(cfg: PriorConfig) -> dict[str, tuple[int, ...]]:
         "ff.inner_norm.weight": (ff,), "ff.inner_norm.bias": (ff,),
         "ff.proj_out.weight": (d, ff),
     }
+    if not cfg.norm_bias:
+        per_layer = {k: v for k, v in per_layer.items() if not k.endswith(".bias")}
+        del shapes["norm_out.bias"]
     for i in range(cfg.depth):
         shapes.update({f"blocks.{i}.{k}": v for k, v in per_layer.items()})
     return shapes

@@ -20,6 +20,7 @@ from . import batch, contract, evaluate, search, weights
 from .arguments import (
     OneLineParser,
     add_sampling_arguments,
+    add_trainer_entry_argument,
     as_flag_message,
     check_device,
     folder_path,
@@ -39,6 +40,7 @@ def build_parser(prog: str = "prior") -> tuple[argparse.ArgumentParser, dict[str
     embed = commands.add_parser("embed", help="embed one prompt and write .npy files and result.json")
     embed.add_argument("prompt", metavar="PROMPT", type=prompt_text, help="the text to turn into an image embedding")
     add_sampling_arguments(embed)
+    add_trainer_entry_argument(embed)
     embed.add_argument("--out", type=folder_path, required=True, help="folder for the outputs (written only on success)")
     embed.add_argument("--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(run=run_embed)

@@ -194,6 +194,15 @@ DOWNLOAD_ENV = "PRIOR_DOWNLOAD"  # "1": `prior embed` downloads the default weig
 # sha256 of LAION's file (huggingface.co/laion/DALLE2-PyTorch, prior_ema_fp16.pth)
 PRIOR_EMA_FP16_SHA256 = "b7d6ec6be12f285c0cd128655974b544885a49a3ff17feb5346226fea59757fa"
 CONVERTED_FORMAT = "conditioned-prior/1"  # the metadata tag of our converted .safetensors files
+# A dalle2-pytorch trainer file (DiffusionPriorTrainer.save) holds the EMA network and the online one;
+# which to read (default: the EMA one, what LAION's published files are).
+TRAINER_ENTRIES = ("ema_model", "model")
+# The network layouts a weights file may hold, named by the dalle2-pytorch versions that wrote them.
+LAYOUT_0_11_5 = "dalle2-pytorch 0.11.5"  # prior_ema_fp16.pth, prior_aes_finetune.pth
+LAYOUT_LATER = "dalle2-pytorch 0.23.1-1.8.x"  # prior/latest.pth, prior/best.pth, aesthetic/best.pth
+LAYOUTS = (LAYOUT_0_11_5, LAYOUT_LATER)
+LATER_CONFIG_NAME = "prior_config.json"  # read beside a later-layout file when present
+DEFAULT_TRAINER_ENTRY = "ema_model"
 
 
 def weights_dir() -> Path:
@@ -214,17 +223,21 @@ def default_weights() -> Path:
     return Path(os.environ.get(WEIGHTS_ENV) or weights_dir() / WEIGHTS_NAME)
 
 
-def resolve_weights(path: str | Path | None = None, expected_sha256: str | None = None) -> Path:
+def resolve_weights(path: str | Path | None = None, expected_sha256: str | None = None,
+                    trainer_entry: str | None = None) -> Path:
     """The file to load for `path` (None: default_weights()).
 
     A `.pth` with a `.safetensors` beside it that was converted from it as it is now (its size
     and mtime as recorded at conversion, else its SHA-256) means that `.safetensors`, which
     loads faster. A stale one, left from a replaced `.pth`, is ignored with a warning on
-    stderr. With an expected SHA-256 the named file itself is loaded: the hash pins it.
+    stderr. With an expected SHA-256 the named file itself is loaded: the hash pins it. So is
+    a trainer file whose conversion holds another entry than `trainer_entry`.
     """
     path = Path(path) if path is not None else default_weights()
     converted = path.with_suffix(".safetensors")
     if expected_sha256 is not None or path.suffix == ".safetensors" or not converted.is_file():
+        return path
+    if not converted_entry_matches(safetensors_metadata(converted) or {}, trainer_entry):
         return path
     if not path.exists() or converted_from(converted, path):
         return converted
@@ -246,6 +259,16 @@ def safetensors_metadata(path: str | Path) -> dict[str, str] | None:
         return None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return metadata if isinstance(metadata, dict) else {}
+
+
+def converted_entry_matches(metadata: dict[str, str], trainer_entry: str | None) -> bool:
+    """Whether a converted file (its metadata) holds the network `trainer_entry` asks for: the
+    conversion of a trainer file records the entry it took; that of a plain state dict none,
+    and it answers only when no entry is asked for."""
+    recorded = metadata.get("trainer_entry")
+    if recorded is None:
+        return trainer_entry is None
+    return recorded == (trainer_entry or DEFAULT_TRAINER_ENTRY)
 
 
 def converted_from(converted: str | Path, source: str | Path) -> bool:

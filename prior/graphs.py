@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import PREFIX_LEN, Condition, PriorNetwork
+from .model import Condition, PriorNetwork
 
 
 @dataclass
@@ -40,7 +40,7 @@ class GraphedDenoiser:
     def __call__(self, cond: Condition, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.failed:
             return self.network.denoise(cond, x, t)
-        cond = cond.padded(PREFIX_LEN)  # static shapes: every condition as long as the longest
+        cond = cond.padded(self.network.cfg.prefix_len)  # static shapes: every condition as long as the longest
         captured = self.graphs.get(x.shape[0])
         if captured is None:
             try:

@@ -17,6 +17,16 @@ the whole prefix of the unconditional pass) are not computed at all.
 
 Keys and weights follow the checkpoint's tensors one to one; `prior/checkpoint.py` maps
 the file's names to the names used here.
+
+The same network as dalle2-pytorch 0.23.1-1.8.x saved it (the "later" layout) differs in a few
+explicit places, each a PriorConfig flag whose default is 0.11.5's:
+    learned_padding   text positions beyond the end token hold a learned `null_text_embed`
+                      (1, text_len, dim) instead of being masked; every text position is attended
+    text_len          the number of text positions (the later layout's max_text_len, 77 or 256)
+    norm_bias         LayerNorms have a gain only, no bias
+    stable_norm_out   the final LayerNorm first divides each row by its maximum
+    rel_pos_scale     the relative-position bias counts 128 times (pb-relax: logits are computed
+                      divided by 128, the bias added, then multiplied back)
 """
 
 from __future__ import annotations
@@ -45,6 +55,20 @@ class PriorConfig:
     rotary_dim: int = 32  # min(32, dim_head) leading dims of each head are rotated
     rel_pos_buckets: int = 32
     rel_pos_max_distance: int = 128
+    # the later layout (dalle2-pytorch 0.23.1-1.8.x); see the module's docstring
+    learned_padding: bool = False
+    text_len: int = TEXT_LEN
+    norm_bias: bool = True
+    stable_norm_out: bool = False
+    rel_pos_scale: float = 1.0
+
+    @property
+    def prefix_len(self) -> int:  # text positions + text embedding: the step-independent tokens
+        return self.text_len + 1
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix_len + STEP_LEN
 
 
 def lookup_table(rows: int, dim: int) -> nn.Embedding:
@@ -54,14 +78,18 @@ def lookup_table(rows: int, dim: int) -> nn.Embedding:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with a gain and a bias, eps 1e-5 (0.11.5 keeps the bias as a buffer)."""
+    """LayerNorm with a gain and a bias, eps 1e-5 (0.11.5 keeps the bias as a buffer); the later
+    layout has a gain only (`bias=False`), and its final norm is `stable`: x / max(x) first."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, bias: bool = True, stable: bool = False):
         super().__init__()
+        self.stable = stable
         self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stable:
+            x = x / x.amax(dim=-1, keepdim=True)
         return F.layer_norm(x, x.shape[-1:], self.weight, self.bias)
 
 
@@ -72,12 +100,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: PriorConfig):
         super().__init__()
         self.heads, self.dim_head = cfg.heads, cfg.dim_head
-        self.norm = LayerNorm(cfg.dim)
+        self.norm = LayerNorm(cfg.dim, cfg.norm_bias)
         self.to_q = nn.Linear(cfg.dim, cfg.heads * cfg.dim_head, bias=False)
         self.to_kv = nn.Linear(cfg.dim, 2 * cfg.dim_head, bias=False)
         self.null_kv = nn.Parameter(torch.zeros(2, cfg.dim_head))
         self.to_out = nn.Linear(cfg.heads * cfg.dim_head, cfg.dim, bias=False)
-        self.out_norm = LayerNorm(cfg.dim)
+        self.out_norm = LayerNorm(cfg.dim, cfg.norm_bias)
 
     def project(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
         """x (B, n, D) -> q (B, H, n, dh) scaled and rotated; k, v (B, n, dh), k rotated."""
@@ -106,9 +134,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: PriorConfig):
         super().__init__()
-        self.norm = LayerNorm(cfg.dim)
+        self.norm = LayerNorm(cfg.dim, cfg.norm_bias)
         self.proj_in = nn.Linear(cfg.dim, 2 * cfg.ff_inner, bias=False)
-        self.inner_norm = LayerNorm(cfg.ff_inner)
+        self.inner_norm = LayerNorm(cfg.ff_inner, cfg.norm_bias)
         self.proj_out = nn.Linear(cfg.ff_inner, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,8 +209,10 @@ class PriorNetwork(nn.Module):
         self.learned_query = nn.Parameter(torch.zeros(cfg.dim))
         self.rel_pos_bias = lookup_table(cfg.rel_pos_buckets, cfg.heads)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm_out = LayerNorm(cfg.dim)
+        self.norm_out = LayerNorm(cfg.dim, cfg.norm_bias, stable=cfg.stable_norm_out)
         self.project_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        if cfg.learned_padding:
+            self.null_text_embed = nn.Parameter(torch.zeros(1, cfg.text_len, cfg.dim))
         # The checkpoint's rotary frequencies (fp16-rounded), not recomputed ones.
         self.register_buffer("rotary_freqs", torch.zeros(cfg.rotary_dim // 2))
 
@@ -195,17 +225,19 @@ class PriorNetwork(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def position_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """(H, SEQ_LEN, 1 + SEQ_LEN) T5 bias plus -inf where causality hides a key.
+        """(H, seq_len, 1 + seq_len) T5 bias plus -inf where causality hides a key.
 
         Keys are indexed with the null key at 0, exactly as 0.11.5 does: key j is token j-1,
         and the bucket is computed from (query index - key index), off by one included.
         """
-        device = self.rotary_freqs.device
-        q_pos = torch.arange(SEQ_LEN, device=device)
-        k_pos = torch.arange(SEQ_LEN + 1, device=device)
+        device, seq_len = self.rotary_freqs.device, self.cfg.seq_len
+        q_pos = torch.arange(seq_len, device=device)
+        k_pos = torch.arange(seq_len + 1, device=device)
         distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0)
         buckets = t5_bucket(distance, self.cfg.rel_pos_buckets, self.cfg.rel_pos_max_distance)
         bias = self.rel_pos_bias(buckets).permute(2, 0, 1).float()  # (H, n, n+1)
+        if self.cfg.rel_pos_scale != 1:
+            bias = bias * self.cfg.rel_pos_scale
         hidden = k_pos[None, :] > q_pos[:, None] + 1  # key j is token j-1: causal
         return bias.masked_fill(hidden, float("-inf")).to(dtype)
 
@@ -217,7 +249,7 @@ class PriorNetwork(nn.Module):
         """Run the step-independent tokens once.
 
         text_states (B, n, D) with n <= 77 (the text tower stops at the last end token),
-        text_embed (B, D) normalised, text_mask (B, n) bool,
+        text_embed (B, D) normalised, text_mask (B, n) bool (token ids != 0),
         keep (B,) bool: False drops the condition (classifier-free guidance's null pass).
 
         A prefix position whose key no row attends influences nothing: no query ever sees
@@ -225,19 +257,22 @@ class PriorNetwork(nn.Module):
         position if any row keeps it, are computed. For a short prompt that is a few tokens
         instead of 78; for the unconditional pass it is none at all.
         """
+        if self.cfg.learned_padding:
+            text_states, text_mask = self.learned_padding(text_states, text_mask, keep)
         b, dtype, device = text_states.shape[0], text_states.dtype, text_states.device
+        text_len, prefix_len, seq_len = self.cfg.text_len, self.cfg.prefix_len, self.cfg.seq_len
         text_keys = text_mask & keep[:, None]  # (B, n) text positions attended by anyone
         attended = text_keys.any(dim=0).nonzero()
         used = int(attended.max()) + 1 if len(attended) else 0
         with_embed = bool(keep.any())
         positions = torch.cat([
             torch.arange(used, device=device),
-            torch.full((int(with_embed),), TEXT_LEN, device=device),
+            torch.full((int(with_embed),), text_len, device=device),
         ])  # (P,) the prefix positions computed
         x = torch.cat([text_states[:, :used], text_embed[:, None, :][:, : int(with_embed)]], dim=1)  # (B, P, D)
 
         # attention bias over keys [null, prefix positions, 3 step tokens]
-        step_positions = torch.arange(PREFIX_LEN, SEQ_LEN, device=device)
+        step_positions = torch.arange(prefix_len, seq_len, device=device)
         key_columns = torch.cat([torch.zeros(1, dtype=torch.long, device=device), positions + 1, step_positions + 1])
         key_mask = torch.cat([
             torch.ones(b, 1, dtype=torch.bool, device=device),  # null key: always attended
@@ -246,7 +281,7 @@ class PriorNetwork(nn.Module):
             torch.ones(b, STEP_LEN, dtype=torch.bool, device=device),
         ], dim=1)
         bias = self.position_bias(dtype)[:, :, key_columns][None]
-        bias = bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))  # (B, H, SEQ_LEN, 1 + P + 3)
+        bias = bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))  # (B, H, seq_len, 1 + P + 3)
         n_prefix = len(positions)
         prefix_bias = bias[:, :, positions, : 1 + n_prefix]
         step_bias = bias[:, :, step_positions, :].contiguous()
@@ -268,11 +303,29 @@ class PriorNetwork(nn.Module):
                 x = x + block.ff(x)
         return Condition(torch.stack(keys), torch.stack(values), step_bias)
 
+    def learned_padding(self, text_states: torch.Tensor, text_mask: torch.Tensor, keep: torch.Tensor):
+        """The later layout's text tokens: (B, text_len, D) states, the positions after each row's
+        end token replaced by the learned null_text_embed, and which of them are attended: all
+        of them (those versions apply no text mask), none where `keep` is False.
+
+        The end token is the last non-zero token id, so the positions up to it are those with
+        a True at or after them in `text_mask` ("!", token 0, inside the text is kept, as
+        those versions' CLIP adapter keeps every position up to the end token).
+        """
+        b, n = text_mask.shape
+        n = min(n, self.cfg.text_len)  # those versions cut the text encodings to max_text_len
+        text_states, text_mask = text_states[:, :n], text_mask[:, :n]
+        up_to_end = text_mask.flip(-1).cummax(dim=-1).values.flip(-1)  # (B, n)
+        null = self.null_text_embed[0].to(text_states.dtype)  # (text_len, D)
+        states = torch.where(up_to_end[..., None], text_states, null[:n])
+        states = torch.cat([states, null[n:].expand(b, -1, -1)], dim=1)
+        return states, keep[:, None].expand(b, self.cfg.text_len)
+
     def denoise(self, cond: Condition, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Predict x_0 (B, D) from x_t (B, D) at timesteps t (B,), given a Condition."""
         b = x_t.shape[0]
         x = torch.stack([self.time_embed(t), x_t, self.learned_query.expand(b, -1)], dim=1)
-        rotary = self.rotary_tables(torch.arange(PREFIX_LEN, SEQ_LEN, device=x.device), x.dtype)
+        rotary = self.rotary_tables(torch.arange(self.cfg.prefix_len, self.cfg.seq_len, device=x.device), x.dtype)
         for i, block in enumerate(self.blocks):
             q, k, v = block.attn.project(x, rotary)
             k = torch.cat([cond.keys[i], k], dim=1)

@@ -100,6 +100,8 @@ class Prior:
         self.device, self.dtype = device, dtype
         self.config, self.text_config = weights.prior_config, weights.text_config
         self.weights_path, self.weights_sha256 = weights.path, weights.sha256
+        self.trainer_entry, self.saved_by = weights.trainer_entry, weights.saved_by  # of a trainer file
+        self.layout, self.cond_drop_prob = weights.layout, weights.cond_drop_prob  # contract.LAYOUTS
         self.tokenizer = Tokenizer(self.text_config.context_length)
         # On a CPU the linear weights are converted to `dtype` as they are packed (below), one layer
         # at a time; converting the whole network first would write a second 1 GB copy.
@@ -223,7 +225,12 @@ class Prior:
             steps = min(contract.DEFAULT_STEPS, self.config.num_timesteps)
         steps = contract.check_int("steps", steps, 1, self.config.num_timesteps)
         contract.check_choice("sampler", sampler, contract.SAMPLERS)
-        return [Request.checked(r) for r in requests], steps
+        requests = [Request.checked(r) for r in requests]
+        for r in requests:
+            if r.cond_scale != 1 and self.cond_drop_prob == 0:  # dalle2-pytorch refuses it too (can_classifier_guidance)
+                raise contract.ArgumentError("cond_scale", f"must be 1 for these weights (trained with cond_drop_prob 0, "
+                                                           f"without the unconditional case), got {r.cond_scale:g}")
+        return requests, steps
 
     def _sample(self, requests: Sequence[Request], steps: int, sampler: str,
                 on_step: Callable[[int, int], None] | None) -> _Sampled:
@@ -265,10 +272,13 @@ class Prior:
         net, dtype, device = self.network, self.dtype, self.device
         states, text_embed = states.to(dtype), text_embed.to(dtype)
         counts = torch.tensor(candidates, device=device)
-        guided = torch.tensor([s != 1 for s in cond_scales], device=device)  # per prompt
+        # per prompt: 0.11.5 skips the unconditional pass at cond_scale 1; the later layout's versions
+        # compute a keep-mask and never apply it, so under "original" their guidance is the conditional pass alone
+        no_op = self.layout == contract.LAYOUT_LATER
+        guided = torch.tensor([s != 1 and not (no_op and g == "original") for s, g in zip(cond_scales, guidances, strict=True)],
+                              device=device)
         # "original": the first unconditional pass zeroes these prompts' text mask for good
-        quirk = torch.tensor([s != 1 and g == "original" for s, g in zip(cond_scales, guidances, strict=True)],
-                             device=device)
+        quirk = guided & torch.tensor([g == "original" for g in guidances], device=device)
         yes = torch.ones(len(candidates), dtype=torch.bool, device=device)
 
         def condition(rows: torch.Tensor, text_mask: torch.Tensor, keep: torch.Tensor) -> Condition:
@@ -280,7 +290,7 @@ class Prior:
             return self._denoise_step(cond, x.to(dtype), t).float()
 
         full = condition(yes, mask, yes)
-        if not guided.any():  # 0.11.5 skips the unconditional pass entirely
+        if not guided.any():  # 0.11.5 skips the unconditional pass entirely (see `guided` for the later layout)
             return lambda x, t, i: run(full, x, t)
 
         null = condition(guided, mask, ~yes)
@@ -310,20 +320,24 @@ def load(
     expected_sha256: str | None = None,
     cuda_graphs: bool = True,
     packed_weights: bool = True,
+    trainer_entry: str | None = None,
 ) -> Prior:
     """Load a prior_ema_fp16.pth-format file or its converted .safetensors (None: the default
     weights, contract.default_weights(); a .pth with a fresh conversion beside it loads that,
     contract.resolve_weights). Defaults: cuda if present, else cpu; float16 on cuda (the
     original ran under fp16 autocast), float32 on cpu. `cuda_graphs` replays each step as a
     captured CUDA graph; `packed_weights` runs the network's matmuls on weights prepacked for
-    oneDNN on a CPU. Raises WeightsError for a bad file, ArgumentError for a bad argument
-    (before reading anything)."""
+    oneDNN on a CPU. `trainer_entry` picks the network of a dalle2-pytorch trainer file
+    (contract.TRAINER_ENTRIES; default its EMA network). Raises WeightsError for a bad file,
+    ArgumentError for a bad argument (before reading anything)."""
     started = time.perf_counter()
     device = _device(device)
     dtype = _dtype(dtype, device)
     expected_sha256 = contract.check_sha256("expected_sha256", expected_sha256)
-    path = contract.resolve_weights(weights, expected_sha256)
-    prior = Prior(read_checkpoint(path, expected_sha256), device, dtype, cuda_graphs, packed_weights)
+    if trainer_entry is not None:
+        contract.check_choice("trainer_entry", trainer_entry, contract.TRAINER_ENTRIES)
+    path = contract.resolve_weights(weights, expected_sha256, trainer_entry)
+    prior = Prior(read_checkpoint(path, expected_sha256, trainer_entry), device, dtype, cuda_graphs, packed_weights)
     prior.load_seconds = time.perf_counter() - started
     return prior
 
@@ -355,6 +369,9 @@ def result_record(result: EmbedResult, model: Prior, row: int = 0) -> dict:
         "truncated": bool(result.truncated[row]),
         "weights": str(model.weights_path),
         "weights_sha256": model.weights_sha256,
+        "weights_layout": model.layout,  # contract.LAYOUTS: the dalle2-pytorch network the file holds
+        "weights_trainer_entry": model.trainer_entry,  # the network read from a trainer file, else None
+        "weights_saved_by": model.saved_by,  # the dalle2-pytorch version a trainer file records, else None
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "packed_weights": bool(model.packed),  # CPU matmuls on oneDNN-prepacked weights (prior/packed.py)

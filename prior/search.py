@@ -25,7 +25,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from .arguments import add_sampling_arguments, check_device, int_in, load_for_sampling, prompt_text
+from .arguments import add_sampling_arguments, add_trainer_entry_argument, check_device, int_in, load_for_sampling, prompt_text
 from .contract import ArgumentError, PriorError
 from .tables import parquet_files
 
@@ -165,6 +165,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--text-too", action="store_true",
                         help="also query with CLIP's text embedding (plain text search), side by side")
     add_sampling_arguments(parser)
+    add_trainer_entry_argument(parser)
     parser.set_defaults(run=run_search)
 
 

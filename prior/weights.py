@@ -10,7 +10,8 @@ resumes where it stopped, in the same run (dropped connections) or the next one.
 reaches DIR/prior_ema_fp16.pth only once it is complete and its SHA-256 is the published one.
 
 verify without --sha256 checks a .safetensors against the `.sha256` sidecar convert wrote
-beside it, and any other file against the published prior_ema_fp16.pth's SHA-256.
+beside it, and any other file against the published prior_ema_fp16.pth's SHA-256; it also names
+the layout it finds (which dalle2-pytorch network, plain state dict, trainer file or converted).
 
 Exit 0 on success; 2 with one line on stderr for a bad argument; 1 with one line on stderr
 when the network, the file or the disk fails.
@@ -27,7 +28,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import contract
-from .arguments import OneLineParser, as_flag_message, file_path, folder_path, sha256_argument
+from .arguments import (
+    OneLineParser,
+    add_trainer_entry_argument,
+    as_flag_message,
+    file_path,
+    folder_path,
+    sha256_argument,
+)
 from .contract import PRIOR_EMA_FP16_SHA256, ArgumentError, PriorError, WeightsError, sha256_of
 
 HF_REPO = "laion/DALLE2-PyTorch"
@@ -73,6 +81,17 @@ def verify(path: str | Path, expected_sha256: str | None = None) -> str:
         why = f" (from {contract.sidecar_path(path).name}): corrupted or changed since it was converted" if from_sidecar else ""
         raise WeightsFileError(f"{path}: SHA-256 is {actual}, expected {expected}{why}")
     return actual
+
+
+def layout(path: str | Path) -> str:
+    """The network layout and container of a weights file, in words (checkpoint.describe), or
+    why none is recognised: verify reports it beside the hash, whose check it does not change."""
+    from . import checkpoint
+
+    try:
+        return checkpoint.describe(path)
+    except WeightsError as e:
+        return f"not recognised ({e.problem})"
 
 
 def download(dest: str | Path | None = None, revision: str = HF_REVISION,
@@ -210,13 +229,14 @@ def _make_folder(folder: Path) -> list[Path]:
 
 
 def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = None,
-            done: Callable[[], None] | None = None) -> Path:
+            done: Callable[[], None] | None = None, trainer_entry: str | None = None) -> Path:
     """Write a safetensors copy of `src` (default: beside it, .safetensors) that loads faster,
     creating `dst`'s folder if needed (removed again if the conversion fails).
     dtype "float32" suits CPU inference (no conversion at load); default keeps float16.
     A `dst` that is `src` itself, or not named .safetensors (nothing would read it), is an
     ArgumentError: the source is never touched. `done` runs once the file and its sidecar are
-    in place, before a held back Ctrl-C lands."""
+    in place, before a held back Ctrl-C lands. From a dalle2-pytorch trainer file, the network
+    `trainer_entry` names is converted (default its EMA network)."""
     src = Path(src)
     dst = src.with_suffix(".safetensors") if dst is None else Path(dst)
     if dst.suffix != ".safetensors":
@@ -225,13 +245,16 @@ def convert(src: str | Path, dst: str | Path | None = None, dtype: str | None = 
         raise ArgumentError("dst", f"must differ from SRC, got {repr(str(dst))} (it would overwrite the source)")
     if dtype is not None:
         contract.check_choice("dtype", dtype, CONVERT_DTYPES)
+    if trainer_entry is not None:
+        contract.check_choice("trainer_entry", trainer_entry, contract.TRAINER_ENTRIES)
     import torch
 
     from . import checkpoint
 
     created = _make_folder(dst.parent)
     try:
-        checkpoint.convert_to_safetensors(src, dst, dtype=getattr(torch, dtype) if dtype else None, done=done)
+        checkpoint.convert_to_safetensors(src, dst, dtype=getattr(torch, dtype) if dtype else None, done=done,
+                                          trainer_entry=trainer_entry)
     except BaseException as e:  # Ctrl-C included: nothing is left behind, not even the folder
         contract.remove_empty(created)
         if isinstance(e, WeightsError):
@@ -265,6 +288,7 @@ def build_parser(prog: str = "python -m prior.weights") -> argparse.ArgumentPars
     conv.add_argument("--dtype", choices=CONVERT_DTYPES, default=None,
                       help="precision to store (default: the source's, float16); the one inference runs in loads fastest "
                            "(float32 or bfloat16 on a CPU)")
+    add_trainer_entry_argument(conv)
     parser.commands = dict(commands.choices)  # each command's parser, for naming flags in errors
     return parser
 
@@ -291,9 +315,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m prior.weights") -
                 path = download(args.dest, args.revision)
                 print(f"{path}: OK (SHA-256 {PRIOR_EMA_FP16_SHA256})")
             elif args.command == "verify":
-                print(f"{args.path}: OK (SHA-256 {verify(args.path, args.sha256)})")
+                print(f"{args.path}: OK (SHA-256 {verify(args.path, args.sha256)}); layout: {layout(args.path)}")
             else:
-                print(f"wrote {convert(args.src, args.dst, args.dtype, done=converted)}")
+                print(f"wrote {convert(args.src, args.dst, args.dtype, done=converted, trainer_entry=args.trainer_entry)}")
     except ArgumentError as e:
         print(f"{prog} {args.command}: error: {as_flag_message(e, parser.commands[args.command])}", file=sys.stderr)
         return 2

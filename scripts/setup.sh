@@ -20,3 +20,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . >&2
   echo "$digest" > "$stamp"
 fi
+# the tests' second oracle, dalle2-pytorch 1.1.0, beside the virtualenv (see requirements-oracle-1.1.0.txt)
+if [ "$kind" = test ]; then
+  oracle=.oracle-1.1.0
+  oracle_digest=$(sha256sum requirements-oracle-1.1.0.txt | cut -c1-16)
+  if [ "$(cat "$oracle/.installed" 2>/dev/null)" != "$oracle_digest" ]; then
+    rm -rf "$oracle"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --target "$oracle" \
+      -r requirements-oracle-1.1.0.txt >&2
+    echo "$oracle_digest" > "$oracle/.installed"
+  fi
+fi

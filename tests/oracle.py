@@ -8,7 +8,13 @@ predictor's adapter would have held it.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import io
 import os
+import sys
+import types
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -171,3 +177,88 @@ def shape_dict(shape: OracleShape) -> dict:
 def uniform(prompts: int, candidates: int, cond_scale: float, guidance: str = "original") -> tuple[list, list, list]:
     """Prior._denoiser's per-prompt settings when every prompt has the same ones."""
     return [candidates] * prompts, [cond_scale] * prompts, [guidance] * prompts
+
+
+@contextlib.contextmanager
+def _packaging_before_26_1():
+    """While active, objects of the classes `old_packaging_version` makes pickle under
+    packaging's own names (packaging.version.Version, ...), as packaging 21-26.0 pickled them."""
+    names = ("packaging.version", "packaging._structures")
+    saved = {name: sys.modules.get(name) for name in names}
+    version_module, structures_module = types.ModuleType(names[0]), types.ModuleType(names[1])
+    for cls, module in ((_OldVersion, version_module), (_OldVersionParts, version_module),
+                        (_OldInfinity, structures_module), (_OldNegativeInfinity, structures_module)):
+        setattr(module, cls.__qualname__, cls)
+    sys.modules.update(zip(names, (version_module, structures_module), strict=True))
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+class _OldVersion:
+    pass
+
+
+class _OldInfinity:
+    pass
+
+
+class _OldNegativeInfinity:
+    pass
+
+
+_OldVersionParts = collections.namedtuple("_Version", "epoch release dev pre post local")
+for _cls, _module, _name in ((_OldVersion, "packaging.version", "Version"),
+                             (_OldVersionParts, "packaging.version", "_Version"),
+                             (_OldInfinity, "packaging._structures", "InfinityType"),
+                             (_OldNegativeInfinity, "packaging._structures", "NegativeInfinityType")):
+    _cls.__module__, _cls.__qualname__, _cls.__name__ = _module, _name, _name
+
+
+def old_packaging_version(release: tuple[int, ...]) -> _OldVersion:
+    """A Version as packaging before 26.1 held it: __dict__ with the parts and a comparison key."""
+    version = _OldVersion()
+    version.__dict__.update(_version=_OldVersionParts(0, release, None, None, None, None),
+                            _key=(0, release, _OldNegativeInfinity(), _OldInfinity(), _OldInfinity(),
+                                  _OldNegativeInfinity()))
+    return version
+
+
+def make_trainer_file(path: str | Path, checkpoint: str | Path, shape: OracleShape, seed: int = 0,
+                      old_packaging: bool = False, extra: dict | None = None) -> Path:
+    """A dalle2-pytorch 0.11.5 trainer file (`DiffusionPriorTrainer.save`, the real code) whose
+    EMA network is `checkpoint`'s weights and whose online network took one AdamW step on random
+    gradients (so the two differ, and the optimizer's state is there). `old_packaging` pickles
+    its version object as packaging before 26.1 did; `extra` adds entries to the saved dict."""
+    from dalle2_pytorch.trainer import DiffusionPriorTrainer
+
+    _quiet_progress()
+    path = Path(path)
+    torch.manual_seed(seed)
+    online = load_oracle(checkpoint, shape)
+    with warnings.catch_warnings():  # GradScaler's deprecation warning
+        warnings.simplefilter("ignore")
+        trainer = DiffusionPriorTrainer(online, device="cpu", use_ema=True, lr=1e-2)
+    trainable = [p for p in online.parameters() if p.requires_grad]
+    for p in trainable:
+        p.grad = torch.randn_like(p)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # "Saving checkpoint at step: 0"
+        trainer.save(str(path))
+    if old_packaging or extra:
+        saved = torch.load(path, map_location="cpu", weights_only=False)  # our own file
+        saved.update(extra or {})
+        if old_packaging:
+            saved["version"] = old_packaging_version(tuple(int(n) for n in str(saved["version"]).split(".")))
+            with _packaging_before_26_1():
+                torch.save(saved, path)
+        else:
+            torch.save(saved, path)
+    return path

@@ -255,7 +255,8 @@ def test_verify_checks_a_converted_file_against_its_sidecar(tiny_checkpoint, tmp
     digest = hashlib.sha256(converted.read_bytes()).hexdigest()
     capsys.readouterr()
     assert weights.main(["verify", str(converted)]) == 0
-    assert capsys.readouterr().out == f"{converted}: OK (SHA-256 {digest})\n"
+    assert capsys.readouterr().out == (f"{converted}: OK (SHA-256 {digest}); "
+                                       "layout: dalle2-pytorch 0.11.5 network, converted from a state dict\n")
 
     prior.load(converted, device="cpu")  # leaves a .verified stamp, which verify must not trust
     _flip_a_byte_in_place(converted)
