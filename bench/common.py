@@ -380,7 +380,7 @@ def _footprint(args: argparse.Namespace) -> dict:
         record["load_s"] = time.perf_counter() - started
         record["dtype"] = args.dtype
         record["warmup_s"] = 0.0
-        if hasattr(model, "warmup"):  # predict.py's setup() warms up after loading
+        if hasattr(model, "warmup"):  # prior/predictor.py's setup() warms up after loading
             started = time.perf_counter()
             model.warmup()
             sync()

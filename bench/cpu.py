@@ -323,7 +323,7 @@ def targets(rows: list[dict], deviations: list[dict], footprints: list[dict]) ->
         cosines = [d["cosine_min"] for d in deviations if d["name"].startswith("ours bfloat16") and "chosen" in d["name"]]
         add("CPU bfloat16 cosine to float32", f">= {TARGET_BF16_COSINE}", min(cosines), min(cosines) >= TARGET_BF16_COSINE,
             "lowest cosine of the chosen image embedding over the predictions run", digits=6)
-    # setup = what predict.py's setup() does: prior.load, then Prior.warmup when the engine has it.
+    # setup = what prior/predictor.py's setup() does: prior.load, then Prior.warmup when the engine has it.
     oracle_setup = next(f["setup_s_best"] for f in footprints if f["impl"] == "oracle")
     ours = [f for f in footprints if f["impl"] == "ours" and f["dtype"] == "float32"]
     converted = [f for f in ours if f["file"].endswith(".safetensors")]

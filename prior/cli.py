@@ -45,7 +45,7 @@ def build_parser(prog: str = "prior") -> tuple[argparse.ArgumentParser, dict[str
     embed.add_argument("--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(run=run_embed)
 
-    serve = commands.add_parser("serve", help="run cog's HTTP server for predict.py, without Docker")
+    serve = commands.add_parser("serve", help="run cog's HTTP server for prior/predictor.py, without Docker")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument("--port", type=int_in(1, 65535), default=5000, help="port (default: %(default)s)")
     serve.add_argument("--weights", default=None,

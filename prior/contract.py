@@ -8,7 +8,7 @@ The CLI, the Python API, the cog predictor, the batch job and search all read fr
 - how files are written: whole or not at all (`atomic_path`, `write_folder`), and the result files.
 
 Nothing here imports torch, so a command checks its arguments in milliseconds, before the
-heavy imports. predict.py spells its `Input(...)` bounds as literals (cog's static parser
+heavy imports. prior/predictor.py spells its `Input(...)` bounds as literals (cog's static parser
 reads that file without running it); tests/test_cog.py checks that they equal these.
 """
 
@@ -51,7 +51,7 @@ DEFAULT_SAMPLER = "sde-dpmpp-2m"
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_CONCURRENCY = 32  # predictions a server runs at once (cog.yaml's concurrency.max): see README "Serving"
-PROMPT_MAX_CHARS = 10_000  # the HTTP API's bound on a prompt (predict.py's max_length); CLIP reads 77 tokens
+PROMPT_MAX_CHARS = 10_000  # the HTTP API's bound on a prompt (prior/predictor.py's max_length); CLIP reads 77 tokens
 SHORTENED = 80  # a value longer than this is shortened in messages (a SHA-256 is not)
 
 
@@ -153,7 +153,7 @@ def check_choice(field: str, value: object, choices: tuple[str, ...]) -> str:
 # controls (NUL included), and the invisible formatting characters (soft hyphen, zero-width
 # space and joiners, direction marks, word joiner, BOM, variation selectors, Hangul fillers).
 # Spelled as explicit ranges, so that cog's HTTP validator (Rust regex) reads PROMPT_PATTERN as
-# Python does; predict.py's `regex=` literal must equal PROMPT_PATTERN (tests/test_cog.py).
+# Python does; prior/predictor.py's `regex=` literal must equal PROMPT_PATTERN (tests/test_cog.py).
 INVISIBLE = (r"\x00-\x20\x7f-\xa0\xad\u034f\u061c\u115f\u1160\u1680\u17b4\u17b5\u180b-\u180f\u2000-\u200f"
              r"\u2028-\u202f\u205f-\u206f\u3000\u3164\ufe00-\ufe0f\ufeff\uffa0")
 # A prompt must hold a character outside INVISIBLE. Anchored at both ends, so that search, match

@@ -1,4 +1,4 @@
-"""The OpenAPI schema of predict.py, as `cog build` would write it to .cog/openapi_schema.json.
+"""The OpenAPI schema of the cog predictor (prior/predictor.py), as `cog build` would write it to .cog/openapi_schema.json.
 
 cog's HTTP server (coglet) validates inputs and serves GET /openapi.json only when that file
 exists; without it every input reaches predict() unchecked. `cog build` writes it with a
@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PREDICTOR_REF = "predict.py:Predictor"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # a checkout's root (cog.yaml, .cog/)
+PREDICTOR_REF = "prior/predictor.py:Predictor"  # as cog.yaml names it, relative to a checkout's root
+PREDICTOR_FILE = Path(__file__).resolve().parent / "predictor.py"  # the same file, wherever the package is
 SCHEMA_PATH = PROJECT_ROOT / ".cog" / "openapi_schema.json"
 
 _VALIDATION_ERROR_RESPONSE = {

@@ -1,7 +1,7 @@
-"""`prior serve`: cog's own HTTP server for predict.py, without Docker, kept in service.
+"""`prior serve`: cog's own HTTP server for the cog predictor, without Docker, kept in service.
 
     clients ──HTTP──> prior serve (this module: checks, forwards, supervises)
-                        └──HTTP on 127.0.0.1──> coglet (cog's server) ──> worker (predict.py)
+                        └──HTTP on 127.0.0.1──> coglet (cog's server) ──> worker (prior/predictor.py)
 
 coglet, from the `cog` wheel, is the server a `cog build` image runs, so users get the same API:
 input validation, /openapi.json, /health-check, POST /predictions. It runs here as a child
@@ -21,9 +21,11 @@ process on a private loopback port; this process sits in front of it and adds wh
 - **Bounded requests**: the request line and headers within 64 KiB and 10 s, a body of at most
   1 MiB (413 above), one request per connection (`Connection: close`).
 What `cog build` would otherwise arrange is done here too: .cog/openapi_schema.json is refreshed
-from predict.py (coglet validates inputs only when it exists), COG_PREDICT_TYPE_STUB, PORT and
-COG_MAX_CONCURRENCY are set (coglet ignores cog.yaml), this virtualenv's bin comes first on PATH
-(coglet starts its worker as plain `python`), and a relative --weights is made absolute.
+from the predictor (coglet validates inputs only when it exists; it reads it from its working
+folder: a checkout's root, or for an installed package `server/` in the weights folder),
+COG_PREDICT_TYPE_STUB (the predictor's absolute path), PORT and COG_MAX_CONCURRENCY are set
+(coglet ignores cog.yaml), this virtualenv's bin comes first on PATH (coglet starts its worker
+as plain `python`), and a relative --weights is made absolute.
 SIGTERM or Ctrl-C stop it: running predictions finish (up to STOP_SECONDS), then it exits.
 """
 
@@ -47,7 +49,7 @@ from urllib.parse import unquote
 
 from . import contract
 from .contract import WEIGHTS_ENV, ArgumentError
-from .schema import PREDICTOR_REF, PROJECT_ROOT, SCHEMA_PATH, ensure_current
+from .schema import PREDICTOR_FILE, PROJECT_ROOT, ensure_current
 
 PREDICTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")  # where coglet 0.23.1 makes a folder per prediction
@@ -62,9 +64,9 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "
 
 def server_environment(port: int, weights: str | Path | None = None, max_concurrency: int = contract.MAX_CONCURRENCY,
                        tmpdir: Path | None = None) -> dict[str, str]:
-    """The environment coglet needs to serve predict.py on `port`."""
+    """The environment coglet needs to serve the predictor on `port`."""
     env = dict(os.environ)
-    env["COG_PREDICT_TYPE_STUB"] = PREDICTOR_REF
+    env["COG_PREDICT_TYPE_STUB"] = f"{PREDICTOR_FILE}:Predictor"
     env["PORT"] = str(port)
     env["COG_MAX_CONCURRENCY"] = str(max_concurrency)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -98,11 +100,20 @@ def serve(host: str = "127.0.0.1", port: int = 5000, weights: str | Path | None 
           max_concurrency: int = contract.MAX_CONCURRENCY) -> None:
     """Run the server until SIGTERM or Ctrl-C."""
     check_port_free(host, port)
-    if ensure_current(SCHEMA_PATH):
-        print(f"wrote {SCHEMA_PATH.relative_to(PROJECT_ROOT)} from {PREDICTOR_REF}", file=sys.stderr)
+    schema = server_root() / ".cog" / "openapi_schema.json"
+    if ensure_current(schema):
+        print(f"wrote {schema}", file=sys.stderr)
     remove_stale_folders()
     supervisor = Supervisor(host, port, weights, max_concurrency)
     asyncio.run(supervisor.run())
+
+
+def server_root() -> Path:
+    """coglet's working folder, where it reads .cog/openapi_schema.json: a checkout's root, else
+    (an installed package) `server/` in the weights folder."""
+    if (PROJECT_ROOT / "cog.yaml").is_file():
+        return PROJECT_ROOT
+    return contract.weights_dir() / "server"
 
 
 # -- the folders a server leaves ----------------------------------------------------------------------
@@ -195,7 +206,7 @@ class Supervisor:
         env = server_environment(self.coglet_port, self.weights, self.max_concurrency, self.tmp)
         # its own process group, so that stopping it stops its worker too; and it gets SIGTERM
         # should this process die without stopping it (its worker exits when coglet does)
-        self.child = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=PROJECT_ROOT,
+        self.child = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=server_root(),
                                       env=env, start_new_session=True, preexec_fn=_stop_with_parent)
         self.ready_for_requests = False
 

@@ -1,4 +1,4 @@
-"""cog.yaml, the container's pins, the OpenAPI schema and predict.py's own logic, without a server.
+"""cog.yaml, the container's pins, the OpenAPI schema and the predictor's own logic, without a server.
 (The server itself is tested in tests/test_server.py.)"""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-import predict
 import prior
 from prior import contract
+from prior import predictor as predict
 from prior import schema as openapi
 from prior.checkpoint import convert_to_safetensors
 from prior.weights import HF_FILENAME, HF_REPO, HF_REVISION
@@ -53,7 +53,7 @@ def test_cog_yaml_is_valid_against_cogs_config_schema(config_schema):
 
 @pytest.mark.parametrize("break_it", [
     lambda c: c["build"].update(gpus=True),  # a key cog does not know
-    lambda c: c.update(run="predict.py:Predictor"),  # run and predict together
+    lambda c: c.update(run="prior/predictor.py:Predictor"),  # run and predict together
     lambda c: c["build"].update(gpu="yes"),
 ], ids=["unknown-key", "run-and-predict", "gpu-not-bool"])
 def test_the_config_schema_check_can_fail(config_schema, break_it):
@@ -112,7 +112,7 @@ def fresh_schema() -> dict:
 
 def test_openapi_schema_is_current(fresh_schema):
     assert openapi.is_current(openapi.SCHEMA_PATH, fresh_schema), (
-        f"{openapi.SCHEMA_PATH} does not match predict.py: run .venv/bin/python -m prior.schema")
+        f"{openapi.SCHEMA_PATH} does not match prior/predictor.py: run .venv/bin/python -m prior.schema")
 
 
 def test_a_stale_schema_is_noticed(fresh_schema, tmp_path):
@@ -134,7 +134,7 @@ def test_cog_builds_rewrite_of_the_schema_counts_as_current(fresh_schema, tmp_pa
 
 
 def test_schema_inputs_are_the_contracts(fresh_schema):
-    """predict.py spells its bounds as literals (cog's static parser reads them): they must be
+    """prior/predictor.py spells its bounds as literals (cog's static parser reads them): they must be
     the contract's, which the CLI and the API use."""
     schemas = fresh_schema["components"]["schemas"]
     inputs = schemas["Input"]

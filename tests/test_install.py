@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # The modules of commands whose packages come with an extra, and those extras.
 EXTRAS_OF_MODULE = {"batch.py": ["batch"], "search.py": ["search"], "evaluate.py": ["eval"], "schema.py": ["serve"],
-                    "serve.py": ["serve"], "tables.py": ["batch", "search", "eval"]}
+                    "serve.py": ["serve"], "predictor.py": ["serve"], "tables.py": ["batch", "search", "eval"]}
 
 
 def _name(requirement: str) -> str:
@@ -118,3 +118,43 @@ def test_installed_package_keeps_weights_in_the_user_cache(installed, tmp_path):
     done = subprocess.run([installed / "bin" / "python", "-c", code], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120, check=True)
     assert done.stdout.splitlines()[1] == str(tmp_path / "mine")
+
+
+def test_installed_prior_serve_answers(installed, tiny_checkpoint, tmp_path):
+    """`prior serve` from the installed package (no checkout): the predictor ships inside it, the
+    schema goes to `server/` in the weights folder, and a prediction is served."""
+    import json
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    shutil.copy(tiny_checkpoint, tmp_path / "mine.pth")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _clean_env(tmp_path / "home")
+    env["PATH"] = f"{installed / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    server = subprocess.Popen([installed / "bin" / "prior", "serve", "--port", str(port), "--weights", "mine.pth"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        status = None
+        while status != "READY":
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/health-check", timeout=5) as r:
+                    status = json.load(r)["status"]
+            except OSError:
+                time.sleep(0.5)
+        request = urllib.request.Request(url + "/predictions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"input": {"prompt": "a cat", "steps": 2, "seed": 1}}).encode())
+        with urllib.request.urlopen(request, timeout=120) as r:
+            assert json.load(r)["status"] == "succeeded"
+        schema = tmp_path / "home" / ".cache" / "conditioned-prior" / "server" / ".cog" / "openapi_schema.json"
+        assert json.loads(schema.read_text())["components"]["schemas"]["Input"]["required"] == ["prompt"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(60)

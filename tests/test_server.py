@@ -1,4 +1,4 @@
-"""The product as users meet it: cog's real HTTP server (coglet) serving predict.py, started
+"""The product as users meet it: cog's real HTTP server (coglet) serving prior/predictor.py, started
 exactly as a user without Docker would, `python -m prior serve`, on a free 127.0.0.1 port,
 with tiny random checkpoints. One server per fixture (module scope): startup costs seconds."""
 
@@ -474,9 +474,9 @@ def test_folders_stay_bounded_over_two_thousand_predictions_and_go_at_shutdown(t
 
 
 def predict_keep() -> int:
-    import predict
+    from prior.predictor import OutputFolders
 
-    return predict.OutputFolders.KEEP
+    return OutputFolders.KEEP
 
 
 def test_the_server_samples_on_every_core(full_checkpoint, tmp_path):

@@ -35,7 +35,7 @@ def test_loading_and_embedding_import_no_torchvision_and_no_clip_package(tiny_ch
     script = (
         "import json, sys, prior\n"
         f"prior.load({str(tiny_checkpoint)!r}, device='cpu').embed('a cat', steps=2, seed=0)\n"
-        "import predict\n"
+        "import prior.predictor\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torchvision', 'open_clip', 'clip', 'timm', 'dalle2_pytorch'))))\n"
     )
