@@ -32,6 +32,7 @@ class PriorOutput(BaseModel):
     scores: list[float]  # cosine similarity of each candidate to the text embedding
     chosen: int  # index of the candidate returned as image_embedding
     seed: int  # the seed used: pass it back to get the same result
+    weights_layout: str  # the layout of the weights file read (contract.LAYOUTS)
 
 
 def weights_path() -> FilePath:
@@ -114,6 +115,7 @@ class Predictor(BasePredictor):
             scores=[float(s) for s in result.scores[0]],
             chosen=int(result.chosen[0]),
             seed=int(result.seed),
+            weights_layout=self.model.layout,
         )
 
 

@@ -157,7 +157,8 @@ def test_schema_inputs_are_the_contracts(fresh_schema):
     assert schemas["sampler"]["enum"] == list(contract.SAMPLERS) and props["sampler"]["default"] == contract.DEFAULT_SAMPLER
     assert all(p.get("description") for p in props.values())
     output = schemas["Output"]
-    assert output["required"] == ["text_tokens", "text_embedding", "image_embedding", "candidates", "scores", "chosen", "seed"]
+    assert output["required"] == ["text_tokens", "text_embedding", "image_embedding", "candidates", "scores", "chosen", "seed",
+                                  "weights_layout"]
     assert output["properties"]["image_embedding"] == {"type": "string", "format": "uri", "title": "Image Embedding"}
     assert output["properties"]["scores"]["items"] == {"type": "number"}
 

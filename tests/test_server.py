@@ -220,6 +220,7 @@ def test_prediction_equals_the_cli(server, tiny_checkpoint, tmp_path):
     assert (arrays["image_embedding"].dtype, arrays["image_embedding"].shape) == (np.float32, (1, dim))
     assert (arrays["candidates"].dtype, arrays["candidates"].shape) == (np.float32, (3, dim))
     assert output["seed"] == 1234 and len(output["scores"]) == 3 and 0 <= output["chosen"] < 3
+    assert output["weights_layout"] == prior.load(tiny_checkpoint, device="cpu").layout
     np.testing.assert_array_equal(arrays["image_embedding"][0], arrays["candidates"][output["chosen"]])
 
     cli = tmp_path / "cli"  # the CLI's own entry point, in this process: `python -m prior embed ...`
