@@ -55,6 +55,7 @@ PREDICTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")  # where coglet 0.23.1 makes a folder per prediction
 MAX_HEAD = 64 * 1024
 MAX_BODY = 1024 * 1024
+DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body is read and dropped up to this, then refused with 413
 HEAD_SECONDS = 10.0
 HEALTH_SECONDS = 0.5  # how often coglet's health is polled
 STOP_SECONDS = 30.0  # how long running predictions may take to finish at shutdown
@@ -281,6 +282,13 @@ class Supervisor:
         if not length.isdigit():
             return await respond(writer, 400, {"detail": f"Content-Length: must be a number of bytes, got {length!r}"})
         if int(length) > MAX_BODY:
+            # read (and drop) what the client is sending first, so that it gets to read the answer
+            # rather than a broken pipe; a body past DRAIN_BYTES is cut off instead
+            with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError):
+                left = min(int(length), DRAIN_BYTES)
+                async with asyncio.timeout(HEAD_SECONDS):
+                    while left > 0:
+                        left -= len(await reader.readexactly(min(left, 1 << 20)))
             return await respond(writer, 413, {"detail": f"request body: at most {MAX_BODY} bytes, got {int(length)}"})
         try:
             body = await asyncio.wait_for(reader.readexactly(int(length)), HEAD_SECONDS)
