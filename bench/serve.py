@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(line.split("sampled a batch of ")[1].split()[0]) for line in log.read_text().splitlines()
                if "sampled a batch of " in line]
     log.unlink()
-    calls = {str(n): batched_call(weights, n, args.steps, args.device) for n in (16, 32)}
+    calls = {str(n): batched_call(weights, n, args.steps, args.device) for n in (1, 16, 32)}
 
     alone = rows[0]["throughput"] if counts[0] == 1 else None
     def versus(throughput: float) -> str:
