@@ -165,6 +165,8 @@ class Batcher:
                 raise _AllCancelled
 
         self.batches = [*self.batches[-999:], len(batch)]
+        print(f"sampling a batch of {len(batch)} ({sum(p.rows for p in batch)} rows, {batch[0].steps} steps "
+              f"{batch[0].sampler})", flush=True)
         started = time.perf_counter()
         try:
             results = self.model.embed_many([p.request for p in batch], batch[0].steps, batch[0].sampler,
@@ -176,7 +178,6 @@ class Batcher:
             for pending in batch:
                 pending.settle(error=e)
             return
-        print(f"sampled a batch of {len(batch)} ({sum(p.rows for p in batch)} rows, {batch[0].steps} steps "
-              f"{batch[0].sampler}) in {time.perf_counter() - started:.2f} s", flush=True)
+        print(f"sampled a batch of {len(batch)} in {time.perf_counter() - started:.2f} s", flush=True)
         for pending, result in zip(batch, results, strict=True):
             pending.settle(result)
