@@ -135,15 +135,16 @@ def test_installed_prior_serve_answers(installed, tiny_checkpoint, tmp_path):
         port = s.getsockname()[1]
     env = _clean_env(tmp_path / "home")
     env["PATH"] = f"{installed / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    server = subprocess.Popen([installed / "bin" / "prior", "serve", "--port", str(port), "--weights", "mine.pth"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    log = tmp_path / "server.log"  # a file, not a pipe nobody reads: a full pipe would block the server
+    with open(log, "wb") as out:
+        server = subprocess.Popen([installed / "bin" / "prior", "serve", "--port", str(port), "--weights", "mine.pth"],
+                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         status = None
         while status != "READY":
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read().decode()[-3000:]
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             try:
                 with urllib.request.urlopen(url + "/health-check", timeout=5) as r:
                     status = json.load(r)["status"]
@@ -157,4 +158,8 @@ def test_installed_prior_serve_answers(installed, tiny_checkpoint, tmp_path):
         assert json.loads(schema.read_text())["components"]["schemas"]["Input"]["required"] == ["prompt"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(60)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            raise
