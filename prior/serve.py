@@ -175,7 +175,6 @@ class Supervisor:
         self.coglet_port = _free_port()
         self.child: subprocess.Popen | None = None
         self.ready_for_requests = False  # coglet answers HTTP (whatever its health says)
-        self.restarts = 0
         self.folders = CogletFolders(keep=4 * max_concurrency)
         self.stopping = asyncio.Event()
         self.wake_watch = asyncio.Event()  # check coglet's health now, not at the next poll
@@ -241,7 +240,6 @@ class Supervisor:
                       "restarting it", file=sys.stderr, flush=True)
                 self.ready_for_requests = False
                 await loop.run_in_executor(None, self.stop_child, 5.0)
-                self.restarts += 1
                 self.start_child()
 
     async def coglet_health(self) -> str | None:

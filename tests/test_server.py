@@ -40,15 +40,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _children(pid: int) -> list[int]:
-    found = []
+def _children_by_parent() -> dict[int, list[int]]:
+    """Every process's children, from /proc/PID/stat (its 4th field is the parent's pid)."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
         except OSError:
             continue
-    return found
+        if stat:
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    return children
+
+
+def _children(pid: int) -> list[int]:
+    return _children_by_parent().get(pid, [])
 
 
 class Server:
@@ -85,14 +91,7 @@ class Server:
 
     def processes(self) -> list[int]:
         """prior serve and its descendants (coglet, its worker)."""
-        children: dict[int, list[int]] = {}
-        for entry in Path("/proc").iterdir():
-            try:
-                stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-            except OSError:
-                continue
-            if stat:
-                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+        children = _children_by_parent()
         found, todo = [], [self.process.pid]
         while todo:
             pid = todo.pop()
